@@ -1,0 +1,199 @@
+"""Square linear layers that can never be singular."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from flax import nnx
+
+from invnet.core import Bijector, Buffer, check_precision
+
+__all__ = ["LULinear"]
+
+
+def _lu_factors(weight: np.ndarray):
+    """Pivoted LU of a square matrix: W = P L U, returned as (perm, strict lower, U)."""
+    p, lower, upper = scipy.linalg.lu(weight)
+    perm = np.argmax(p, axis=1)  # (P v)_i = v[perm[i]]
+    return perm, np.tril(lower, -1), upper
+
+
+class LULinear(Bijector):
+    r"""Invertible linear map ``y = W x + b`` with ``W = P L U``.
+
+    ``P`` is a fixed permutation, ``L`` unit lower triangular, ``U`` upper triangular with
+    diagonal ``sign * exp(log_scale)``: the diagonal can never be zero, so ``W`` is
+    invertible for every parameter value and training cannot make it singular.
+
+    * Map: ``y = P L U x + b`` (on row vectors: ``y = x U^T L^T P^T + b``); cost O(B D^2).
+    * Log-det: ``log|det W| = sum(log_scale)``, O(D), the same for every sample.
+    * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` by two triangular solves, O(B D^2).
+      `invnet.compile` swaps these for one precomputed GEMM where speed matters.
+    * Init: ``init="orthogonal"`` (default) factors a random rotation, so the layer starts
+      perfectly conditioned; ``init="identity"`` starts at ``W = I``. The bias starts at 0.
+    * ``LULinear.from_matrix(W, b)`` takes any trained, finite, non-singular square matrix.
+
+    Reference: Kingma & Dhariwal, "Glow", NeurIPS 2018 (LU-decomposed 1x1 convolutions).
+
+    Example:
+        >>> import jax.numpy as jnp, invnet
+        >>> from flax import nnx
+        >>> layer = invnet.LULinear(4, rngs=nnx.Rngs(0))
+        >>> x = jnp.arange(8.0).reshape(2, 4)
+        >>> y, log_det = layer.forward(x)
+        >>> x_back, _ = layer.inverse(y)
+        >>> bool(jnp.allclose(x_back, x, atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        bias: bool = True,
+        init: str = "orthogonal",
+        param_dtype: Any = jnp.float32,
+        precision: str = "highest",
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"LULinear: dim must be a positive integer, got {dim!r}")
+        if init not in ("orthogonal", "identity"):
+            raise ValueError(f"LULinear: init must be 'orthogonal' or 'identity', got {init!r}")
+        self.dim = int(dim)
+        self.use_bias = bool(bias)
+        self.init = init
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.precision = check_precision(precision)
+        if init == "orthogonal":
+            gauss = np.asarray(jax.random.normal(rngs.params(), (dim, dim), jnp.float32), float)
+            q, r = np.linalg.qr(gauss)
+            weight = q * np.sign(np.diag(r))
+        else:
+            weight = np.eye(dim)
+        self._set_factors(weight, np.zeros(dim))
+
+    def _set_factors(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        perm, lower, upper = _lu_factors(np.asarray(weight, np.float64))
+        diag = np.diag(upper)
+        dt = self.param_dtype
+        self.perm = Buffer(jnp.asarray(perm, jnp.int32))
+        self.inv_perm = Buffer(jnp.asarray(np.argsort(perm), jnp.int32))
+        self.sign = Buffer(jnp.asarray(np.sign(diag), dt))
+        self.lower = nnx.Param(jnp.asarray(lower, dt))
+        self.upper = nnx.Param(jnp.asarray(np.triu(upper, 1), dt))
+        self.log_scale = nnx.Param(jnp.asarray(np.log(np.abs(diag)), dt))
+        self.bias = nnx.Param(jnp.asarray(bias, dt)) if self.use_bias else None
+
+    @classmethod
+    def from_matrix(
+        cls,
+        weight,
+        bias=None,
+        *,
+        param_dtype: Any = None,
+        precision: str = "highest",
+        max_condition: float | None = None,
+    ) -> LULinear:
+        """Build ``y = W x + b`` from a trained square matrix, via pivoted LU.
+
+        Refuses (``ValueError``) a matrix that is not square, has non-finite entries, or is
+        singular to working precision: its condition number exceeds ``max_condition``
+        (default ``1 / eps`` of ``param_dtype``). ``param_dtype`` defaults to float64 when
+        ``W`` is float64 and x64 is enabled, else float32.
+        """
+        w = np.asarray(weight)
+        if w.ndim != 2 or w.shape[0] != w.shape[1]:
+            raise ValueError(
+                f"LULinear.from_matrix: weight must be square to be invertible, got shape "
+                f"{w.shape}. A {w.shape[-1] if w.ndim else '?'}->"
+                f"{w.shape[0] if w.ndim else '?'} map cannot be inverted: a non-square layer "
+                "either drops dimensions or cannot reach all outputs"
+            )
+        if not np.issubdtype(w.dtype, np.number) or not np.all(np.isfinite(w)):
+            raise ValueError("LULinear.from_matrix: weight has non-finite (NaN/inf) entries")
+        if param_dtype is None:
+            x64 = jax.config.read("jax_enable_x64")
+            param_dtype = jnp.float64 if (w.dtype == np.float64 and x64) else jnp.float32
+        dt = jnp.dtype(param_dtype)
+        cond = float(np.linalg.cond(w.astype(np.float64)))
+        limit = max_condition if max_condition is not None else 1.0 / float(jnp.finfo(dt).eps)
+        if not np.isfinite(cond) or cond > limit:
+            raise ValueError(
+                f"LULinear.from_matrix: the {w.shape[0]}x{w.shape[0]} weight is singular to "
+                f"{dt.name} precision (condition number {cond:.3g} > {limit:.3g}); its inverse "
+                "would be dominated by rounding error. Regularise it (e.g. W + eps*I) or "
+                "retrain with invnet.LULinear, which cannot become singular"
+            )
+        b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
+        if b.shape != (w.shape[0],) or not np.all(np.isfinite(b)):
+            raise ValueError(
+                f"LULinear.from_matrix: bias must be finite with shape ({w.shape[0]},), "
+                f"got {b.shape}"
+            )
+        layer = cls(
+            w.shape[0],
+            bias=True,
+            init="identity",
+            param_dtype=dt,
+            precision=precision,
+            rngs=nnx.Rngs(0),
+        )
+        layer._set_factors(w.astype(np.float64), b)
+        return layer
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "bias": self.use_bias,
+            "init": self.init,
+            "param_dtype": self.param_dtype.name,
+            "precision": self.precision,
+        }
+
+    # ------------------------------------------------------------------------ factors
+    def factors(self, dtype=None):
+        """``(perm, L, U)`` as arrays of ``dtype``: ``W = L U`` rows permuted by ``perm``."""
+        dt = dtype or self.param_dtype
+        d = self.dim
+        lower = jnp.tril(self.lower[...].astype(dt), -1) + jnp.eye(d, dtype=dt)
+        diag = self.sign[...].astype(dt) * jnp.exp(self.log_scale[...].astype(dt))
+        upper = jnp.triu(self.upper[...].astype(dt), 1) + jnp.diag(diag)
+        return self.perm[...], lower, upper
+
+    def weight(self, dtype=None) -> jax.Array:
+        """The dense matrix ``W = P L U`` (O(D^3); for inspection)."""
+        perm, lower, upper = self.factors(dtype)
+        return (lower @ upper)[perm]
+
+    def _bias(self, dt):
+        if self.bias is None:
+            return jnp.zeros((self.dim,), dt)
+        return self.bias[...].astype(dt)
+
+    def _log_det(self, x):
+        total = jnp.sum(self.log_scale[...].astype(x.dtype))
+        return jnp.broadcast_to(total, x.shape[:-1])
+
+    def _forward(self, x, cond):
+        perm, lower, upper = self.factors(x.dtype)
+        h = (x @ upper.T) @ lower.T
+        y = h[..., perm] + self._bias(x.dtype)
+        return y, self._log_det(x)
+
+    def _inverse(self, y, cond):
+        _, lower, upper = self.factors(y.dtype)
+        batch = y.shape[:-1]
+        v = (y - self._bias(y.dtype))[..., self.inv_perm[...]].reshape(-1, self.dim)
+        # rows: z L^T = v, then x U^T = z
+        z = jax.lax.linalg.triangular_solve(
+            lower, v, left_side=False, lower=True, transpose_a=True, unit_diagonal=True
+        )
+        x = jax.lax.linalg.triangular_solve(
+            upper, z, left_side=False, lower=False, transpose_a=True
+        )
+        return x.reshape(*batch, self.dim), -self._log_det(y)

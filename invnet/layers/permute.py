@@ -1,0 +1,70 @@
+"""Fixed permutations of the features."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from invnet.core import Bijector, Buffer
+
+__all__ = ["Permute"]
+
+
+class Permute(Bijector):
+    """Fixed permutation of the last axis: ``y = x[..., perm]``.
+
+    * Log-det: 0 (a permutation matrix has determinant +-1).
+    * Inverse: ``x = y[..., argsort(perm)]``, a gather like the forward.
+    * ``mode="random"`` (default) draws ``perm`` from ``rngs``; ``mode="reverse"`` reverses
+      the features (needs no ``rngs``); ``perm=`` gives an explicit permutation.
+      Place one between coupling blocks so every feature gets transformed.
+    * The permutation is a `invnet.Buffer`, never trained.
+
+    Example:
+        >>> import jax.numpy as jnp, invnet
+        >>> p = invnet.Permute(3, mode="reverse")
+        >>> p.forward(jnp.array([1.0, 2.0, 3.0]))[0]
+        Array([3., 2., 1.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mode: str = "random",
+        perm=None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"Permute: dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        if perm is not None:
+            p = np.asarray(perm)
+            if p.shape != (dim,) or sorted(p.tolist()) != list(range(dim)):
+                raise ValueError(f"Permute: perm must be a permutation of 0..{dim - 1}")
+            mode = "explicit"
+        elif mode == "reverse":
+            p = np.arange(dim)[::-1]
+        elif mode == "random":
+            if rngs is None:
+                raise ValueError("Permute(mode='random') needs rngs=nnx.Rngs(seed)")
+            p = np.asarray(jax.random.permutation(rngs.params(), dim))
+        else:
+            raise ValueError(f"Permute: mode must be 'random' or 'reverse', got {mode!r}")
+        self.mode = mode
+        self.perm = Buffer(jnp.asarray(p, jnp.int32))
+        self.inv_perm = Buffer(jnp.asarray(np.argsort(p), jnp.int32))
+
+    def get_config(self) -> dict[str, Any]:
+        # the permutation itself is restored from the saved Buffer state
+        return {"dim": self.dim, "mode": "reverse" if self.mode == "reverse" else "random"}
+
+    def _forward(self, x, cond):
+        return x[..., self.perm[...]], self._zero_log_det(x)
+
+    def _inverse(self, y, cond):
+        return y[..., self.inv_perm[...]], self._zero_log_det(y)
