@@ -28,7 +28,9 @@ def _demo(args: argparse.Namespace) -> int:
     # move the couplings away from their identity init so the demo shows real work
     params = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(args.seed + 1), len(jax.tree.leaves(params))))
-    nnx.update(model, jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params))
+    nnx.update(
+        model, jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
+    )
 
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x))
@@ -47,8 +49,10 @@ def _demo(args: argparse.Namespace) -> int:
     err = float(jnp.max(jnp.abs(x_back - x)))
     rel = err / float(jnp.max(jnp.abs(x)))
     ld_err = float(jnp.max(jnp.abs(log_det + inv_log_det)))
-    print(f"invnet demo: {len(model)} bijective layers, D={dim}, batch={batch}, float32, "
-          f"precision=highest, device={jax.devices()[0].platform}")
+    print(
+        f"invnet demo: {len(model)} bijective layers, D={dim}, batch={batch}, float32, "
+        f"precision=highest, device={jax.devices()[0].platform}"
+    )
     print()
     rows = [
         ("forward  x -> y (jit)", f"{t_fwd:.3f} ms"),

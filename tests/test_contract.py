@@ -1,0 +1,181 @@
+"""The one contract every public layer passes (see tests/registry.py for the cases).
+
+Tolerances: float64 round trips to 1e-12 relative; float32 to the case's stated ``tol32``
+(about eps32 = 1.2e-7 times the perturbed layer's error amplification, with margin). All
+matmuls run at the layers' default precision="highest".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from registry import CASES, DIM, build
+
+import invnet
+
+DTYPES = ["float64", "float32"]
+params = pytest.mark.parametrize("dtype", DTYPES)
+cases = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+
+
+def rel_tol(case, dtype):
+    return 1e-12 if dtype == "float64" else case.tol32
+
+
+@functools.cache
+def _model_and_fns(case, dtype):
+    model = build(case, dtype)
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).forward(x, cond=c))
+    inv = jax.jit(lambda s, y, c: nnx.merge(graphdef, s).inverse(y, cond=c))
+    return model, state, fwd, inv
+
+
+def _inputs(case, dtype, batch=(4,), seed=0):
+    kx, kc = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (*batch, DIM), dtype)
+    cond = jax.random.normal(kc, (*batch, case.cond_dim), dtype) if case.cond_dim else None
+    return x, cond
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1.0))
+
+
+@cases
+@params
+def test_round_trip_both_ways_jitted(case, dtype):
+    _, state, fwd, inv = _model_and_fns(case, dtype)
+    x, cond = _inputs(case, dtype)
+    y, _ = fwd(state, x, cond)
+    x_back, _ = inv(state, y, cond)
+    assert _rel(x_back, x) <= rel_tol(case, dtype)
+    # the other way round, starting from an arbitrary output
+    y0, _ = _inputs(case, dtype, seed=1)
+    x0, _ = inv(state, y0, cond)
+    y_back, _ = fwd(state, x0, cond)
+    assert _rel(y_back, y0) <= rel_tol(case, dtype)
+
+
+@cases
+@params
+def test_log_det_matches_jacobian_both_directions(case, dtype):
+    model, *_ = _model_and_fns(case, dtype)
+    x, cond = _inputs(case, dtype, batch=(3,))
+    tol = 1e-10 if dtype == "float64" else 1e-3
+    for i in range(x.shape[0]):
+        c = None if cond is None else cond[i]
+        for method in (model.forward, model.inverse):
+            jac = jax.jacfwd(lambda v, m=method, c=c: m(v, cond=c)[0])(x[i])
+            sign, logabs = jnp.linalg.slogdet(jac.astype(jnp.float64))
+            assert float(sign) != 0.0
+            _, log_det = method(x[i], cond=c)
+            np.testing.assert_allclose(float(log_det), float(logabs), atol=tol, rtol=tol)
+
+
+@cases
+@params
+def test_forward_and_inverse_log_dets_sum_to_zero(case, dtype):
+    _, state, fwd, inv = _model_and_fns(case, dtype)
+    x, cond = _inputs(case, dtype)
+    y, ld_fwd = fwd(state, x, cond)
+    _, ld_inv = inv(state, y, cond)
+    tol = 1e-12 if dtype == "float64" else 1e-4
+    np.testing.assert_allclose(np.asarray(ld_fwd + ld_inv), 0.0, atol=tol)
+
+
+@cases
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)], ids=["unbatched", "B", "B1xB2"])
+def test_batch_shapes(case, batch):
+    model, *_ = _model_and_fns(case, "float64")
+    x, cond = _inputs(case, "float64", batch=batch, seed=2)
+    y, log_det = model.forward(x, cond=cond)
+    assert y.shape == x.shape and log_det.shape == batch
+    x_back, inv_log_det = model.inverse(y, cond=cond)
+    assert x_back.shape == x.shape and inv_log_det.shape == batch
+    # every sample equals the same computation done on the flattened batch
+    flat_c = None if cond is None else cond.reshape(-1, case.cond_dim)
+    y_flat, ld_flat = model.forward(x.reshape(-1, DIM), cond=flat_c)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, DIM), y_flat, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(log_det).reshape(-1), ld_flat, rtol=1e-12, atol=1e-12)
+
+
+@cases
+@params
+def test_dtype_kept_and_jit_equals_eager(case, dtype):
+    model, state, fwd, inv = _model_and_fns(case, dtype)
+    x, cond = _inputs(case, dtype)
+    y, ld = model.forward(x, cond=cond)
+    xb, ild = model.inverse(y, cond=cond)
+    for arr in (y, ld, xb, ild):
+        assert arr.dtype == jnp.dtype(dtype)
+    tol = rel_tol(case, dtype)  # XLA may fuse and reorder float ops under jit
+    yj, ldj = fwd(state, x, cond)
+    xj, ildj = inv(state, y, cond)
+    for eager, jitted in ((y, yj), (ld, ldj), (xb, xj), (ild, ildj)):
+        np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=tol, atol=tol)
+
+
+@cases
+def test_gradients_reach_every_param(case):
+    model, state, _, _ = _model_and_fns(case, "float64")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x, cond = _inputs(case, "float64", batch=(16,), seed=3)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p, rest)
+        y, ld = m.forward(x, cond=cond)
+        xb, ild = m.inverse(jnp.sin(y), cond=cond)
+        return jnp.sum(y**2) + jnp.sum(ld) + jnp.sum(xb**3) + jnp.sum(ild)
+
+    grads = jax.grad(loss)(params)
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    if not flat:
+        assert not jax.tree.leaves(nnx.state(model, nnx.Param))  # e.g. Permute: nothing to train
+        return
+    for path, g in flat:
+        assert bool(jnp.all(jnp.isfinite(g))), path
+        assert float(jnp.max(jnp.abs(g))) > 0.0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+@cases
+@params
+def test_save_load_identical(case, dtype):
+    model, *_ = _model_and_fns(case, dtype)
+    x, cond = _inputs(case, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = invnet.save(model, os.path.join(tmp, "model.invnet"))
+        loaded = invnet.load(path)
+    assert type(loaded) is type(model)
+    y, ld = model.forward(x, cond=cond)
+    y2, ld2 = loaded.forward(x, cond=cond)
+    assert bool(jnp.array_equal(y, y2)) and bool(jnp.array_equal(ld, ld2))
+    xb, _ = model.inverse(y, cond=cond)
+    xb2, _ = loaded.inverse(y, cond=cond)
+    assert bool(jnp.array_equal(xb, xb2))
+
+
+def _public_layer_types():
+    return {
+        obj
+        for name in invnet.__all__
+        if isinstance(obj := getattr(invnet, name), type)
+        and issubclass(obj, invnet.Bijector)
+        and obj is not invnet.Bijector
+    }
+
+
+def test_every_public_layer_is_in_the_registry():
+    covered = set()
+    for case in CASES:
+        for _, node in nnx.iter_graph(build(case, "float64")):
+            covered.add(type(node))
+    missing = {t.__name__ for t in _public_layer_types()} - {t.__name__ for t in covered}
+    assert not missing, f"public layers missing from tests/registry.py: {sorted(missing)}"

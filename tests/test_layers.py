@@ -1,0 +1,214 @@
+"""Per-family checks beyond the shared contract: construction errors, bad input, math."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import invnet
+
+
+def test_leaky_relu_refuses_non_invertible_slopes():
+    with pytest.raises(ValueError, match="ReLU"):
+        invnet.LeakyReLU(0.0)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="slope"):
+            invnet.LeakyReLU(bad)
+    with pytest.raises(ValueError, match="open interval"):
+        invnet.LeakyReLU(1.0, learnable=True)
+    assert invnet.LeakyReLU(1.0).forward(jnp.array([-2.0]))[0][0] == -2.0
+
+
+def test_learned_slope_stays_in_range():
+    act = invnet.LeakyReLU(0.2, learnable=True)
+    for theta in (-50.0, 0.0, 50.0):
+        act.theta[...] = jnp.asarray(theta, jnp.float32)
+        a = float(act.slope())
+        assert 0.0 <= a <= 1.0
+
+
+def test_from_matrix_refuses_non_square_singular_non_finite():
+    with pytest.raises(ValueError, match=r"square.*\(10, 784\)"):
+        invnet.LULinear.from_matrix(np.ones((10, 784)))
+    singular = np.array([[1.0, 2.0], [2.0, 4.0]])
+    with pytest.raises(ValueError, match="condition number"):
+        invnet.LULinear.from_matrix(singular)
+    with pytest.raises(ValueError, match="non-finite"):
+        invnet.LULinear.from_matrix(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="bias"):
+        invnet.LULinear.from_matrix(np.eye(3), np.ones(4))
+
+
+def test_from_matrix_reproduces_the_matrix():
+    rng = np.random.default_rng(1)
+    w, b = rng.normal(size=(6, 6)), rng.normal(size=6)
+    layer = invnet.LULinear.from_matrix(w, b, param_dtype=jnp.float64)
+    np.testing.assert_allclose(layer.weight(), w, atol=1e-12)
+    x = rng.normal(size=(4, 6))
+    y, log_det = layer.forward(jnp.asarray(x))
+    np.testing.assert_allclose(y, x @ w.T + b, atol=1e-12)
+    np.testing.assert_allclose(log_det, np.linalg.slogdet(w)[1], atol=1e-12)
+
+
+def test_lulinear_identity_init_and_orthogonal_init():
+    ident = invnet.LULinear(4, init="identity", param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ident.weight(), np.eye(4), atol=0)
+    rot = invnet.LULinear(4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    w = np.asarray(rot.weight())
+    np.testing.assert_allclose(w @ w.T, np.eye(4), atol=1e-12)
+    with pytest.raises(ValueError, match="init"):
+        invnet.LULinear(4, init="zeros", rngs=nnx.Rngs(0))
+
+
+def test_lulinear_stays_invertible_for_any_parameters():
+    layer = invnet.LULinear(4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    layer.log_scale[...] = jnp.array([-3.0, 0.0, 2.0, 1.0])
+    layer.lower[...] = jnp.ones((4, 4))
+    w = np.asarray(layer.weight())
+    assert abs(np.linalg.det(w)) > 0
+    np.testing.assert_allclose(np.log(abs(np.linalg.det(w))), 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        invnet.LULinear(4, rngs=nnx.Rngs(0)),
+        invnet.AffineCoupling(4, hidden=(4,), rngs=nnx.Rngs(0)),
+        invnet.AdditiveCoupling(4, hidden=(4,), rngs=nnx.Rngs(0)),
+        invnet.Permute(4, rngs=nnx.Rngs(0)),
+        invnet.ActNorm(4),
+        invnet.Sequential(invnet.LULinear(4, rngs=nnx.Rngs(0)), invnet.LeakyReLU(0.1)),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_bad_input_errors(layer):
+    with pytest.raises(ValueError, match=r"expected last axis of size 4.*\(2, 3\)"):
+        layer.forward(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="expected last axis of size 4"):
+        layer.inverse(jnp.ones((2, 5)))
+    with pytest.raises(TypeError, match="floating"):
+        layer.forward(jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="scalar"):
+        layer.forward(jnp.asarray(1.0))
+
+
+def test_errors_are_raised_under_jit_too():
+    layer = invnet.LULinear(4, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    f = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x))
+    with pytest.raises(ValueError, match="expected last axis of size 4"):
+        f(state, jnp.ones((2, 3)))
+
+
+def test_conditional_block_needs_a_cond_of_the_right_size():
+    block = invnet.AffineCoupling(4, hidden=(4,), cond_dim=2, rngs=nnx.Rngs(0))
+    x = jnp.ones((3, 4))
+    with pytest.raises(ValueError, match="conditional"):
+        block.forward(x)
+    with pytest.raises(ValueError, match="cond with last axis of size 2"):
+        block.forward(x, cond=jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match="batch shape"):
+        block.forward(x, cond=jnp.ones((2, 2)))
+    # one condition for the whole batch broadcasts explicitly
+    y1, _ = block.forward(x, cond=jnp.ones(2))
+    y2, _ = block.forward(x, cond=jnp.ones((3, 2)))
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_nan_input_propagates_without_crashing():
+    model = invnet.Sequential(
+        invnet.LULinear(3, rngs=nnx.Rngs(0)),
+        invnet.LeakyReLU(0.2),
+        invnet.AffineCoupling(3, hidden=(4,), rngs=nnx.Rngs(0)),
+    )
+    x = jnp.array([[jnp.nan, 0.0, 1.0], [0.5, 0.2, 0.1]])
+    y, _ = model.forward(x)
+    assert bool(jnp.any(jnp.isnan(y[0]))) and bool(jnp.all(jnp.isfinite(y[1])))
+    xb, _ = model.inverse(y)
+    assert bool(jnp.all(jnp.isfinite(xb[1])))
+
+
+def test_coupling_identity_at_init_and_clamped_scale():
+    block = invnet.AffineCoupling(4, hidden=(8,), clamp=1.5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    y, ld = block.forward(x)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(ld, 0.0)
+    block.conditioner.out.bias[...] = jnp.full((4,), 1e6)  # absurd raw scales
+    _, ld = block.forward(x)
+    assert bool(jnp.all(jnp.abs(ld) <= 2 * 1.5 + 1e-5))
+    with pytest.raises(ValueError, match="clamp"):
+        invnet.AffineCoupling(4, clamp=0.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=">= 2"):
+        invnet.AffineCoupling(1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mask"):
+        invnet.AffineCoupling(4, mask=[True] * 4, rngs=nnx.Rngs(0))
+
+
+def test_user_conditioner():
+    class Cond(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(2, 4, rngs=nnx.Rngs(1))
+
+        def __call__(self, h):
+            return self.lin(h)
+
+    block = invnet.AffineCoupling(4, conditioner=Cond(), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (3, 4), jnp.float32)
+    y, _ = block.forward(x)
+    np.testing.assert_allclose(block.inverse(y)[0], x, atol=1e-5)
+    with pytest.raises(ValueError, match="user conditioner"):
+        invnet.save(block, "/tmp/never-written.invnet")
+    bad = invnet.AffineCoupling(4, conditioner=nnx.Linear(2, 3, rngs=nnx.Rngs(1)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="conditioner returned last axis 3"):
+        bad.forward(x)
+
+
+def test_actnorm_data_init_standardises_and_keeps_params_after():
+    norm = invnet.ActNorm(3, param_dtype=jnp.float64)
+    x = 5.0 + 2.0 * jax.random.normal(jax.random.key(0), (500, 3))
+    y, _ = norm.forward(x)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-8)
+    np.testing.assert_allclose(y.std(0), 1.0, atol=1e-5)
+    y2, _ = norm.forward(x + 100.0)  # already initialised: parameters are kept
+    np.testing.assert_allclose(y2, y + 100.0 * jnp.exp(norm.log_scale[...]), atol=1e-8)
+    # under nnx.jit the data-dependent init is traced and its update kept
+    fresh = invnet.ActNorm(3, param_dtype=jnp.float64)
+    nnx.jit(lambda m, v: m.forward(v))(fresh, x)
+    assert bool(fresh.initialized[...])
+    np.testing.assert_allclose(fresh.bias[...], norm.bias[...], atol=1e-10)
+
+
+def test_sequential_slicing_and_intermediates():
+    rngs = nnx.Rngs(0)
+    model = invnet.Sequential(
+        invnet.LULinear(3, param_dtype=jnp.float64, rngs=rngs),
+        invnet.LeakyReLU(0.3),
+        invnet.LULinear(3, param_dtype=jnp.float64, rngs=rngs),
+    )
+    assert len(model) == 3 and isinstance(model[1:], invnet.Sequential)
+    assert [type(m).__name__ for m in model] == ["LULinear", "LeakyReLU", "LULinear"]
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    y, _, hs = model.forward(x, return_intermediates=True)
+    assert len(hs) == 3 and bool(jnp.array_equal(hs[-1], y))
+    np.testing.assert_allclose(model[:2].inverse(hs[1])[0], x, atol=1e-12)
+    with pytest.raises(TypeError, match="not an invnet Bijector"):
+        invnet.Sequential(nnx.Linear(3, 3, rngs=rngs))
+    with pytest.raises(ValueError, match="different sizes"):
+        invnet.Sequential(invnet.LULinear(3, rngs=rngs), invnet.LULinear(4, rngs=rngs))
+
+
+def test_precision_setting_reaches_every_layer_and_is_saved(tmp_path):
+    model = invnet.Sequential(
+        invnet.LULinear(3, rngs=nnx.Rngs(0)),
+        invnet.AffineCoupling(3, hidden=(4,), rngs=nnx.Rngs(0)),
+    )
+    invnet.set_precision(model, "default")
+    assert all(m.precision == "default" for m in model)
+    loaded = invnet.load(invnet.save(model, tmp_path / "m.invnet"))
+    assert all(m.precision == "default" for m in loaded)
+    with pytest.raises(ValueError, match="precision"):
+        invnet.set_precision(model, "fast")
