@@ -46,11 +46,12 @@ def _round_trip_error(model, x):
 @pytest.mark.parametrize("dim", [64, 1024])
 def test_float32_round_trip_is_exact_at_default_precision_setting(dim):
     model = _deep_model(dim, nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-    nnx.update(
-        model, jax.tree.map(lambda p: p + 0.02 * jax.random.normal(next(keys), p.shape), params)
-    )
+    # move the couplings off their identity init; the LU layers keep their orthogonal init
+    # (random perturbations of a D=1024 unit-lower factor make W exponentially ill-conditioned)
+    for block in model:
+        if isinstance(block, invnet.AffineCoupling):
+            out = block.conditioner.out
+            out.kernel[...] = 0.01 * jax.random.normal(jax.random.key(1), out.kernel.shape)
     x = jax.random.normal(jax.random.key(2), (4096, dim), jnp.float32)
     err_exact = _round_trip_error(model, x)
     invnet.set_precision(model, "default")
