@@ -16,6 +16,7 @@ from invnet.layers import (
     Permute,
     data_init,
 )
+from invnet.parallel import data_mesh, replicate, shard_batch
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,7 @@ __all__ = [
     "save",
     "load",
     "read_metadata",
+    "data_mesh",
+    "shard_batch",
+    "replicate",
 ]
