@@ -4,7 +4,9 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
+from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
+from invnet.hidden import input_for_hidden, saliency
 from invnet.io import load, read_metadata, save
 from invnet.layers import (
     MLP,
@@ -16,6 +18,7 @@ from invnet.layers import (
     Permute,
     data_init,
 )
+from invnet.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -37,4 +40,10 @@ __all__ = [
     "save",
     "load",
     "read_metadata",
+    "verify",
+    "VerifyReport",
+    "saliency",
+    "input_for_hidden",
+    "from_dense",
+    "NotInvertibleError",
 ]
