@@ -66,6 +66,18 @@ def _load_array(path: str, what: str):
     return arr
 
 
+def _model_float_type(model):
+    """The dtype the saved model computes in: that of its parameters (float32 or float64)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    dtypes = {np.dtype(a.dtype) for a in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    if np.dtype(np.float64) in dtypes and jax.config.read("jax_enable_x64"):
+        return np.float64
+    return np.float32
+
+
 def _inputs(args):
     import jax
     import numpy as np
@@ -80,7 +92,7 @@ def _inputs(args):
         raise _Unusable(str(err).replace("\n", " ")) from None
     if args.samples is not None and args.samples < 1:
         raise _Unusable(f"--samples must be >= 1, got {args.samples}")
-    float_type = np.float64 if jax.config.read("jax_enable_x64") else np.float32
+    float_type = _model_float_type(model)
     if args.data is not None:
         x = _load_array(args.data, "data")
         if x.ndim == 1 and model.dim is not None and x.shape[0] == model.dim:

@@ -15,6 +15,7 @@ import invnet
 from invnet.core import Bijector
 
 D = 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def perturb(model, scale=0.3, seed=1):
@@ -23,7 +24,8 @@ def perturb(model, scale=0.3, seed=1):
     leaves = jax.tree.leaves(params)
     keys = iter(jax.random.split(jax.random.key(seed), len(leaves)))
     nnx.update(
-        model, jax.tree.map(lambda p: p + scale * jax.random.normal(next(keys), p.shape), params)
+        model,
+        jax.tree.map(lambda p: p + scale * jax.random.normal(next(keys), p.shape, p.dtype), params),
     )
     return model
 
@@ -38,7 +40,9 @@ def ill_conditioned_model(condition=1e6):
     return invnet.Sequential(
         invnet.LULinear(D, rngs=rngs),
         invnet.LeakyReLU(0.5),
-        invnet.LULinear.from_matrix(weight, rng.normal(size=D), max_condition=1e9),
+        invnet.LULinear.from_matrix(
+            weight, rng.normal(size=D), param_dtype=jnp.float32, max_condition=1e9
+        ),
         coupling,
     )
 
@@ -60,11 +64,11 @@ def test_every_layer_type_passes_with_nested_names():
         ),
     )
     perturb(model)
-    x = jax.random.normal(jax.random.key(0), (32, D))
-    cond = jax.random.normal(jax.random.key(1), (32, 2))
+    x = jax.random.normal(jax.random.key(0), (32, D), jnp.float32)
+    cond = jax.random.normal(jax.random.key(1), (32, 2), jnp.float32)
     invnet.data_init(model, x, cond=cond)
     x = x.at[5, 2].set(jnp.nan)  # one unusable sample: counted and skipped, not a failure
-    report = invnet.verify(model, x, cond=cond)
+    report = invnet.verify(model, x, cond=cond, check_float64=False)
 
     assert report.ok, report.table()
     kinds = {layer.kind for layer in report.layers}
@@ -83,8 +87,7 @@ def test_every_layer_type_passes_with_nested_names():
     assert report.n_finite == 31 and report.nonfinite == {"inputs": 1, "outputs": 0}
     assert report.log_det["n"] == 8 and report.log_det["ok"]
     assert 0 < report.log_det["forward_max_err"] < 1e-4
-    assert report.float64["available"] and 0 < report.float64["forward_drift_rel"] < 1e-4
-    assert report.float64["roundtrip_rel"] < 1e-12
+    assert not report.float64["available"] and "check_float64" in report.float64["reason"]
     eps = float(jnp.finfo(jnp.float32).eps)
     bound = float(np.prod([layer.bound for layer in report.layers]))
     assert report.condition_bound == pytest.approx(bound)
@@ -96,7 +99,7 @@ def test_every_layer_type_passes_with_nested_names():
 
 
 def test_ill_conditioned_lulinear_fails_and_is_named():
-    x = jax.random.normal(jax.random.key(0), (64, D))
+    x = jax.random.normal(jax.random.key(0), (64, D), jnp.float32)
     report = invnet.verify(ill_conditioned_model(), x, check_float64=False)
     assert not report.ok
     assert report.failing_layers() == ["model[2]"]
@@ -110,8 +113,10 @@ def test_ill_conditioned_lulinear_fails_and_is_named():
 
 
 def test_user_tolerance_overrides_the_derived_one():
-    x = jax.random.normal(jax.random.key(0), (64, D))
-    report = invnet.verify(ill_conditioned_model(), x, tol=0.5, check_float64=False)
+    x = jax.random.normal(jax.random.key(0), (64, D), jnp.float32)
+    ill = ill_conditioned_model()[2:3]  # just the LULinear with cond(W) = 1e6
+    assert not invnet.verify(ill, x, check_float64=False, jacobian_samples=0).ok
+    report = invnet.verify(ill, x, tol=0.5, check_float64=False, jacobian_samples=0)
     assert report.ok and report.tol == 0.5 and "user" in report.tol_rule
     assert all(layer.tol == 0.5 for layer in report.layers)
 
@@ -139,7 +144,7 @@ class _WrongLogDet(Bijector):
 
 
 def test_wrong_inverse_and_wrong_log_det_are_caught():
-    x = jax.random.normal(jax.random.key(0), (16, D))
+    x = jax.random.normal(jax.random.key(0), (16, D), jnp.float32)
     model = invnet.Sequential(invnet.LeakyReLU(0.5), _CachedLookingScale(), _WrongLogDet())
     report = invnet.verify(model, x, check_float64=False)
     assert not report.ok
@@ -151,9 +156,9 @@ def test_wrong_inverse_and_wrong_log_det_are_caught():
 
 def test_nonfinite_outputs_are_counted_not_raised():
     norm = invnet.ActNorm(2)
-    norm.log_scale[...] = jnp.asarray([100.0, 0.0])  # exp(100) overflows float32
+    norm.log_scale[...] = jnp.asarray([100.0, 0.0], jnp.float32)  # exp(100) overflows float32
     norm.initialized[...] = jnp.asarray(True)
-    x = jnp.asarray([[1.0, 2.0], [jnp.inf, 0.0], [0.5, 0.5]])
+    x = jnp.asarray([[1.0, 2.0], [jnp.inf, 0.0], [0.5, 0.5]], jnp.float32)
     report = invnet.verify(invnet.Sequential(norm), x, jacobian_samples=1, check_float64=False)
     assert not report.ok
     assert report.nonfinite == {"inputs": 1, "outputs": 2}
@@ -165,19 +170,21 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="floating"):
         invnet.verify(model, jnp.ones((3, D), jnp.int32))
     with pytest.raises(ValueError, match="size 4"):
-        invnet.verify(model, jnp.ones((3, D + 1)))
+        invnet.verify(model, jnp.ones((3, D + 1), jnp.float32))
     cinn = invnet.AffineCoupling(D, hidden=(4,), cond_dim=2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="conditional"):
-        invnet.verify(cinn, jnp.ones((3, D)))
+        invnet.verify(cinn, jnp.ones((3, D), jnp.float32))
 
 
 def test_readme_verification_example_runs():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Verification", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert blocks, "the README Verification section has no python example"
+    """The README "Verification" example runs as a user would see it: float32 (x64 off)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Verification\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md#verification", "exec"), namespace)
-    assert namespace["report"].ok
+    with jax.enable_x64(False):
+        exec(compile(code, "README.md#verification", "exec"), namespace)
+    report = namespace["report"]
+    assert report.ok and report.dtype == "float32"
     assert namespace["grad"].shape == (128, 4)
     assert isinstance(namespace["net"], invnet.Sequential)
