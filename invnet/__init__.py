@@ -4,7 +4,9 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
+from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
+from invnet.hidden import input_for_hidden, saliency
 from invnet.io import load, read_metadata, save
 from invnet.layers import (
     MLP,
@@ -17,6 +19,7 @@ from invnet.layers import (
     data_init,
 )
 from invnet.parallel import data_mesh, replicate, shard_batch
+from invnet.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -41,4 +44,10 @@ __all__ = [
     "data_mesh",
     "shard_batch",
     "replicate",
+    "verify",
+    "VerifyReport",
+    "saliency",
+    "input_for_hidden",
+    "from_dense",
+    "NotInvertibleError",
 ]

@@ -1,10 +1,12 @@
-"""Command line: ``invnet demo``."""
+"""Command line: ``invnet demo``, ``invnet verify``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from invnet import verify_cli
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    verify_cli.add_parser(sub)
     return parser
 
 
