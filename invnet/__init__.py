@@ -5,6 +5,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 """
 
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
+from invnet.flows import Flow, StandardNormal
 from invnet.io import load, read_metadata, save
 from invnet.layers import (
     MLP,
@@ -16,6 +17,8 @@ from invnet.layers import (
     Permute,
     data_init,
 )
+from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
+from invnet.train import History, NonFiniteStepWarning, fit
 
 __version__ = "0.1.0"
 
@@ -37,4 +40,14 @@ __all__ = [
     "save",
     "load",
     "read_metadata",
+    "Flow",
+    "StandardNormal",
+    "fit",
+    "History",
+    "NonFiniteStepWarning",
+    "MaximumLikelihood",
+    "Regression",
+    "InverseProblem",
+    "mmd",
+    "sample_posterior",
 ]
