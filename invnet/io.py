@@ -58,7 +58,7 @@ def _flat_pure(model: nnx.Module) -> dict[str, Any]:
         else:
             flat[prefix] = node
 
-    walk("", nnx.state(model).to_pure_dict())
+    walk("", nnx.to_pure_dict(nnx.state(model)))
     return flat
 
 
@@ -191,7 +191,7 @@ def load(path: str | os.PathLike) -> Bijector:
             )
         values[key] = arr
     state = nnx.state(model)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
 
     def fill(prefix: str, node: dict) -> dict:
         out = {}

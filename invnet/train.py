@@ -153,7 +153,7 @@ def _make_epoch_fn(graphdef, objective, tx, batch_size: int, halt_on_nonfinite: 
         batch, key = inputs
 
         def loss_fn(p):
-            return objective(nnx.merge(graphdef, p, rest), batch, key)
+            return objective(nnx.merge(graphdef, p, rest, copy=True), batch, key)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         finite = jnp.isfinite(loss) & _all_finite(grads)
