@@ -96,7 +96,15 @@ def run(args: argparse.Namespace) -> int:
     epochs = 5 if args.quick else args.epochs
     n_train = 512 if args.quick else 2000
     x_train, x_val = moons(n_train, seed=args.seed), moons(500, seed=args.seed + 1)
-    flow = build_flow(blocks=args.blocks, hidden=args.hidden, seed=args.seed)
+    blocks, hidden = (
+        (min(args.blocks, 2), min(args.hidden, 32))
+        if args.quick
+        else (
+            args.blocks,
+            args.hidden,
+        )
+    )
+    flow = build_flow(blocks=blocks, hidden=hidden, seed=args.seed)
     print(
         f"invnet demo: {len(flow.bijector)}-layer coupling flow on two moons "
         f"({n_train} points), maximum likelihood, float32, device={jax.devices()[0].platform}"
