@@ -6,6 +6,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
+from invnet.flows import Flow, StandardNormal
 from invnet.hidden import input_for_hidden, saliency
 from invnet.io import load, read_metadata, save
 from invnet.layers import (
@@ -18,7 +19,9 @@ from invnet.layers import (
     Permute,
     data_init,
 )
+from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
 from invnet.parallel import data_mesh, replicate, shard_batch
+from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -50,4 +53,14 @@ __all__ = [
     "input_for_hidden",
     "from_dense",
     "NotInvertibleError",
+    "Flow",
+    "StandardNormal",
+    "fit",
+    "History",
+    "NonFiniteStepWarning",
+    "MaximumLikelihood",
+    "Regression",
+    "InverseProblem",
+    "mmd",
+    "sample_posterior",
 ]

@@ -57,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from invnet.core import Bijector, Inverse, Sequential
+from invnet.flows import Flow
 from invnet.layers import ActNorm, AdditiveCoupling, AffineCoupling, LeakyReLU, LULinear, Permute
 
 __all__ = ["verify", "VerifyReport", "ErrorStats", "LayerCheck", "SAFETY", "layer_bound"]
@@ -281,6 +282,8 @@ def _leaves(b: Bijector, name: str = "model", inverted: bool = False) -> list[_L
         return out
     if isinstance(b, Inverse):
         return _leaves(b.bijector, f"{name}.bijector", not inverted)
+    if isinstance(b, Flow):  # a flow runs its bijector: check that layer by layer
+        return _leaves(b.bijector, f"{name}.bijector", inverted)
     return [_Leaf(name, b, inverted)]
 
 

@@ -85,6 +85,15 @@ def _conditional_stack(dt, rngs):
     )
 
 
+def _flow(dt, rngs):
+    return invnet.Flow(
+        invnet.Sequential(
+            invnet.LULinear(DIM, param_dtype=dt, rngs=rngs),
+            invnet.AffineCoupling(DIM, hidden=(8,), param_dtype=dt, rngs=rngs),
+        )
+    )
+
+
 CASES: list[Case] = [
     Case("LULinear", _lu),
     Case("LULinear-identity-nobias", _lu_plain),
@@ -138,6 +147,7 @@ CASES: list[Case] = [
     ),
     Case("Sequential-nested", _nested, tol32=1e-4),
     Case("Sequential-cond", _conditional_stack, cond_dim=COND_DIM, tol32=1e-4),
+    Case("Flow", _flow),
 ]
 
 
