@@ -55,7 +55,7 @@ def test_saved_and_loaded_flow_gives_identical_outputs(trained_moons, tmp_path):
 
 def test_flow_log_prob_matches_gaussian_for_a_linear_flow():
     layer = invnet.LULinear(3, rngs=nnx.Rngs(0))
-    layer.bias[...] = jnp.array([0.3, -0.2, 0.1])
+    layer.bias[...] = jnp.array([0.3, -0.2, 0.1], jnp.float32)
     flow = invnet.Flow(layer)
     w, b = np.asarray(layer.weight(), float), np.asarray(layer.bias[...], float)
     x = np.asarray(jax.random.normal(jax.random.key(1), (5, 3)))
@@ -122,7 +122,7 @@ def test_inverse_problem_samples_posterior_consistent_with_y():
     mmd_objective = invnet.InverseProblem(y_dim=1, z_loss="mmd")
     trained = float(mmd_objective(model, batch, jax.random.key(2)))
     shifted = invnet.Sequential(model, invnet.ActNorm(2))
-    shifted.layers[1].bias[...] = jnp.array([0.0, 2.0])
+    shifted.layers[1].bias[...] = jnp.array([0.0, 2.0], jnp.float32)
     shifted.layers[1].initialized[...] = jnp.asarray(True)
     assert trained < 0.5 * float(mmd_objective(shifted, batch, jax.random.key(2)))
 
