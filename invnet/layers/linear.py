@@ -36,6 +36,10 @@ class LULinear(Bijector):
     * Init: ``init="orthogonal"`` (default) factors a random rotation, so the layer starts
       perfectly conditioned; ``init="identity"`` starts at ``W = I``. The bias starts at 0.
     * ``LULinear.from_matrix(W, b)`` takes any trained, finite, non-singular square matrix.
+    * Reachable matrices: ``P`` and ``sign`` are fixed when the layer is built, so training
+      keeps the sign of ``det W`` (as any continuous path through invertible matrices must)
+      and the sign pattern of the leading principal minors of ``P^T W``. To fit a known
+      target matrix, start from ``init="identity"`` or ``from_matrix`` of a nearby matrix.
 
     Reference: Kingma & Dhariwal, "Glow", NeurIPS 2018 (LU-decomposed 1x1 convolutions).
 
