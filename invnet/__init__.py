@@ -4,6 +4,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
+from invnet.compile import LU_INVERSE_METHODS, Compiled, StaleCompiledError, compile
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
 from invnet.io import load, read_metadata, save
 from invnet.layers import (
@@ -16,6 +17,7 @@ from invnet.layers import (
     Permute,
     data_init,
 )
+from invnet.reversible import Reversible, reversible
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,10 @@ __all__ = [
     "save",
     "load",
     "read_metadata",
+    "compile",
+    "Compiled",
+    "StaleCompiledError",
+    "LU_INVERSE_METHODS",
+    "reversible",
+    "Reversible",
 ]
