@@ -108,8 +108,11 @@ def build(kind: str, dim: int, depth: int = 4, seed: int = 0, hidden: int = 128)
     import invnet
 
     rngs = nnx.Rngs(seed)
+    # LU factors are perturbed by 0.1 / sqrt(D) per entry: a fixed scale would make the
+    # random triangular factors (and W) exponentially ill-conditioned as D grows
+    lu_scale = 0.1 / dim**0.5
     if kind == "lu":
-        return perturb(invnet.LULinear(dim, rngs=rngs), 0.01, seed)
+        return perturb(invnet.LULinear(dim, rngs=rngs), lu_scale, seed)
     blocks = []
     for _ in range(depth):
         if kind == "lu_leaky":
@@ -126,7 +129,7 @@ def build(kind: str, dim: int, depth: int = 4, seed: int = 0, hidden: int = 128)
             ]
         else:
             raise ValueError(kind)
-    return perturb(invnet.Sequential(*blocks), 0.01 if kind == "lu_leaky" else 0.05, seed)
+    return perturb(invnet.Sequential(*blocks), lu_scale if kind == "lu_leaky" else 0.05, seed)
 
 
 def data(batch: int, dim: int, seed: int = 2, dtype=jnp.float32):

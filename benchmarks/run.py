@@ -117,7 +117,7 @@ def sizes(args) -> dict:
         rev_hidden=128,
         rev_batch=512,
         peer_dims=[64, 256, 1024, 4096] if gpu else [64, 256, 1024],
-        repeats=7 if gpu else 5,
+        repeats=7,
         eager_max_dim=256,
         naive_max_dim=4096 if gpu else 1024,
     )

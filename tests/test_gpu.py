@@ -1,0 +1,88 @@
+"""GPU checks (``python -m pytest -m gpu`` on a machine with a CUDA jax).
+
+Round trips of a compiled, well-conditioned float32 LULinear (orthogonal init, perturbed)
+at D=4096 in each precision mode. Bounds: "highest", "bf16x6" and "tf32x3" aim at float32
+accuracy (the issue's target for a multi-pass mode: <= 2e-6 relative at D=4096 on an
+H100; the test allows 1e-5 because 2e-6 has not yet been measured on this code);
+"bf16x3" ~ 3 bf16 passes, allowed 1e-3; "default" (TF32-like, ~5e-4 measured by the issue)
+is only required to be finite and worse than "highest" is not asserted. The eager layer's
+triangular solves at "highest" are checked too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import invnet
+
+pytestmark = pytest.mark.gpu
+
+BOUNDS = {"highest": 1e-5, "bf16x6": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-3, "default": None}
+
+
+def _layer(dim):
+    layer = invnet.LULinear(dim, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    params = nnx.state(layer, nnx.Param)
+    nnx.update(
+        layer,
+        jax.tree.map(lambda p: p + jnp.asarray(0.01 * rng.standard_normal(p.shape), p.dtype), params),
+    )
+    return layer
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def test_backend_is_gpu():
+    assert jax.default_backend() == "gpu", (
+        f"the gpu tests need a CUDA jax; the backend here is {jax.default_backend()!r}"
+    )
+
+
+@pytest.mark.parametrize("mode", list(BOUNDS))
+def test_compiled_round_trip_per_precision(mode):
+    assert jax.default_backend() == "gpu"
+    dim = 4096
+    layer = invnet.set_precision(_layer(dim), mode)
+    x = jax.random.normal(jax.random.key(2), (8192, dim))
+    fast = invnet.compile(layer)
+    y, log_det = fast.forward(x)
+    x_back, inv_log_det = fast.inverse(y)
+    err = _rel(x_back, x)
+    assert np.isfinite(err)
+    assert jnp.allclose(log_det, -inv_log_det)
+    if BOUNDS[mode] is not None:
+        assert err <= BOUNDS[mode], f"{mode}: round-trip relative error {err:.2e}"
+
+
+def test_eager_layer_round_trip_at_highest():
+    assert jax.default_backend() == "gpu"
+    layer = _layer(1024)
+    x = jax.random.normal(jax.random.key(2), (4096, 1024))
+    y, _ = layer.forward(x)
+    assert _rel(layer.inverse(y)[0], x) <= 1e-5
+
+
+def test_reversible_gradients_on_gpu():
+    assert jax.default_backend() == "gpu"
+    r = nnx.Rngs(0)
+    blocks = [
+        invnet.Sequential(invnet.AffineCoupling(16, hidden=(32,), rngs=r), invnet.Permute(16, rngs=r))
+        for _ in range(4)
+    ]
+    model = invnet.Sequential(*blocks)
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+
+    def loss(m):
+        y, log_det = m.forward(x)
+        return jnp.sum(y**2) - jnp.sum(log_det)
+
+    g1 = jax.tree.leaves(nnx.grad(loss)(model))
+    g2 = jax.tree.leaves(nnx.grad(loss)(invnet.reversible(model)))
+    assert max(_rel(b, a) if float(jnp.max(jnp.abs(a))) > 0 else 0.0 for a, b in zip(g1, g2, strict=True)) <= 1e-4
