@@ -187,11 +187,14 @@ class Compiled:
 
     def _check_fresh(self) -> None:
         # O(#variables) identity tests, no graph walk: a few microseconds per call
-        ok = all(node.precision == p for node, p in self._settings) and all(
-            (owner[key] if isinstance(key, int) else getattr(owner, key)) is var
-            and var.get_raw_value() is arr
-            for owner, key, var, arr in self._entries
-        )
+        try:
+            ok = all(node.precision == p for node, p in self._settings) and all(
+                (owner[key] if isinstance(key, int) else getattr(owner, key)) is var
+                and var.get_raw_value() is arr
+                for owner, key, var, arr in self._entries
+            )
+        except (AttributeError, IndexError, KeyError, TypeError):  # a variable was removed
+            ok = False
         if not ok:
             raise StaleCompiledError(
                 "this compiled model was built from parameters that have since changed; "

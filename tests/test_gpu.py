@@ -1,6 +1,6 @@
 """GPU checks (``python -m pytest -m gpu`` on a machine with a CUDA jax).
 
-Round trips of a compiled, well-conditioned float32 LULinear (orthogonal init, perturbed)
+Round trips of a compiled, well-conditioned float32 LULinear (identity init, perturbed)
 at D=4096 in each precision mode. Bounds: "highest", "bf16x6" and "tf32x3" aim at float32
 accuracy (the issue's target for a multi-pass mode: <= 2e-6 relative at D=4096 on an
 H100; the test allows 1e-5 because 2e-6 has not yet been measured on this code);
@@ -25,12 +25,19 @@ BOUNDS = {"highest": 1e-5, "bf16x6": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-3, "defa
 
 
 def _layer(dim):
-    layer = invnet.LULinear(dim, rngs=nnx.Rngs(0))
+    # identity init + 0.3 / sqrt(D) per factor entry: condition number ~2.4 at D=1024..4096;
+    # on CPU (true float32) its round trip is 1.8e-06 compiled and 1.4e-06 with solves
+    return _perturb(invnet.LULinear(dim, init="identity", rngs=nnx.Rngs(0)), 0.3 / dim**0.5)
+
+
+def _perturb(layer, scale):
     rng = np.random.default_rng(1)
     params = nnx.state(layer, nnx.Param)
     nnx.update(
         layer,
-        jax.tree.map(lambda p: p + jnp.asarray(0.01 * rng.standard_normal(p.shape), p.dtype), params),
+        jax.tree.map(
+            lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params
+        ),
     )
     return layer
 
@@ -73,10 +80,12 @@ def test_reversible_gradients_on_gpu():
     assert jax.default_backend() == "gpu"
     r = nnx.Rngs(0)
     blocks = [
-        invnet.Sequential(invnet.AffineCoupling(16, hidden=(32,), rngs=r), invnet.Permute(16, rngs=r))
+        invnet.Sequential(
+            invnet.AffineCoupling(16, hidden=(32,), rngs=r), invnet.Permute(16, rngs=r)
+        )
         for _ in range(4)
     ]
-    model = invnet.Sequential(*blocks)
+    model = _perturb(invnet.Sequential(*blocks), 0.05)
     x = jax.random.normal(jax.random.key(0), (64, 16))
 
     def loss(m):
@@ -85,4 +94,10 @@ def test_reversible_gradients_on_gpu():
 
     g1 = jax.tree.leaves(nnx.grad(loss)(model))
     g2 = jax.tree.leaves(nnx.grad(loss)(invnet.reversible(model)))
-    assert max(_rel(b, a) if float(jnp.max(jnp.abs(a))) > 0 else 0.0 for a, b in zip(g1, g2, strict=True)) <= 1e-4
+    assert (
+        max(
+            _rel(b, a) if float(jnp.max(jnp.abs(a))) > 0 else 0.0
+            for a, b in zip(g1, g2, strict=True)
+        )
+        <= 1e-4
+    )
