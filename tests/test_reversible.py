@@ -119,7 +119,7 @@ def test_gradients_equal_ordinary_backprop(dtype, tol, kind, scan, direction):
 
 
 def test_same_outputs_and_eager_use():
-    model = _homogeneous(jnp.float32)
+    model = _homogeneous(jnp.float32, depth=2)
     rev = invnet.reversible(model)
     x = jax.random.normal(jax.random.key(2), (4, DIM))
     cond = jnp.ones((COND_DIM,))
