@@ -4,6 +4,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
+from invnet.compile import LU_INVERSE_METHODS, Compiled, StaleCompiledError, compile
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
 from invnet.flows import Flow, StandardNormal
@@ -21,6 +22,7 @@ from invnet.layers import (
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
 from invnet.parallel import data_mesh, replicate, shard_batch
+from invnet.reversible import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verify import VerifyReport, verify
 
@@ -63,4 +65,10 @@ __all__ = [
     "InverseProblem",
     "mmd",
     "sample_posterior",
+    "compile",
+    "Compiled",
+    "StaleCompiledError",
+    "LU_INVERSE_METHODS",
+    "reversible",
+    "Reversible",
 ]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from invnet.core import Bijector, Sequential
+from invnet.reversible import Reversible
 
 __all__ = ["saliency", "input_for_hidden"]
 
@@ -65,7 +66,8 @@ def saliency(
     gradient of one unit, shape ``(..., D)`` (the classic saliency map: which input
     features move that unit); a sequence of ``n`` units gives ``(..., n, D)``; ``None``
     gives the full Jacobian ``(..., D_out, D)``. Computed with ``jax.jacrev`` when fewer units
-    than inputs are asked for, else ``jax.jacfwd`` (the same numbers, the cheaper mode),
+    than inputs are asked for (or the model holds a `Reversible`), else ``jax.jacfwd`` (the
+    same numbers, the cheaper mode),
     ``vmap``-ed over the batch and jit-compiled.
 
     Example:
@@ -93,7 +95,10 @@ def saliency(
     elif model.cond_dim:
         raise ValueError(f"the model is conditional (cond_dim={model.cond_dim}); pass cond=")
     graphdef, state = nnx.split(sub)
-    use_rev = units is not None and len(units) < dim
+    # reverse mode when it is cheaper, and always through a Reversible wrapper, whose
+    # custom VJP has no forward-mode rule
+    has_custom_vjp = any(isinstance(n, Reversible) for _, n in nnx.iter_graph(sub))
+    use_rev = has_custom_vjp or (units is not None and len(units) < dim)
 
     def unit_values(state, xi, ci):
         h = nnx.merge(graphdef, state).forward(xi, cond=ci)[0]

@@ -13,7 +13,7 @@ a function that calls ``nnx.merge``), every check below and returns a `VerifyRep
   `Inverse` included) and each layer is round-tripped on the intermediate states that reach
   it (``h_k = f_k(h_{k-1})``, then ``f_k^{-1}(h_k)`` against ``h_{k-1}``; and the same from
   the output side), so the report names the layer that loses precision.
-* **Log-det.** ``log|det J|`` from ``slogdet(jax.jacfwd(f))`` on a small subsample, against
+* **Log-det.** ``log|det J|`` from ``slogdet(jax.jacrev(f))`` on a small subsample, against
   the model's ``log_det``, for ``forward`` and for ``inverse``; and ``forward`` + ``inverse``
   log-dets summing to 0.
 * **float64 drift.** The same parameters cast to float64 (under ``jax.enable_x64``) re-run
@@ -187,7 +187,7 @@ class VerifyReport:
         lines.append("")
         if ld.get("n", 0):
             lines.append(
-                f"  log-det vs slogdet(jacfwd), {ld['n']} samples: forward max err "
+                f"  log-det vs slogdet(jacobian), {ld['n']} samples: forward max err "
                 f"{_f(ld['forward_max_err'])}, inverse {_f(ld['inverse_max_err'])}, "
                 f"max |fwd + inv| {_f(ld['sum_max_err'])}  "
                 f"({'ok' if ld['ok'] else 'FAIL'}, worst err/tol {_f(ld['worst_ratio'])})"
@@ -371,7 +371,7 @@ def _make_checks(graphdef, fixed, n_leaves: int):
                 def single(p, c):
                     return fn(p, cond=c)[0]
 
-                jac = jax.vmap(jax.jacfwd(single))(points, conds)
+                jac = jax.vmap(jax.jacrev(single))(points, conds)  # rev: works through custom VJPs
                 return jnp.linalg.slogdet(jac)[1], jnp.linalg.cond(jac)
 
             if jac_idx.shape[0]:
@@ -435,7 +435,7 @@ def verify(
         cond: the condition of a conditional model, ``(..., cond_dim)`` or ``(cond_dim,)``.
         tol: relative round-trip tolerance; default ``min(10 * D * eps * bound, sqrt(eps))``
             (see the module docs), applied to the model and to each layer with its own bound.
-        jacobian_samples: how many (finite) samples get the ``slogdet(jacfwd)`` check.
+        jacobian_samples: how many (finite) samples get the ``slogdet(jacobian)`` check.
         check_float64: re-run the model in float64 and report the drift.
 
     Returns:
@@ -643,7 +643,7 @@ def _check_log_det(out, jac_idx, mask, dim, eps, tol_value) -> dict[str, Any]:
     if worst > 1.0:
         result["ok"] = False
         result["message"] = (
-            f"log-det disagrees with slogdet(jacfwd) or forward + inverse log-dets do not sum "
+            f"log-det disagrees with slogdet(jacobian) or forward + inverse log-dets do not sum "
             f"to 0 (forward err {result['forward_max_err']:.2e}, inverse err "
             f"{result['inverse_max_err']:.2e}, |fwd + inv| {result['sum_max_err']:.2e}; "
             f"worst error/tolerance {worst:.2f})"

@@ -148,6 +148,12 @@ CASES: list[Case] = [
     Case("Sequential-nested", _nested, tol32=1e-4),
     Case("Sequential-cond", _conditional_stack, cond_dim=COND_DIM, tol32=1e-4),
     Case("Flow", _flow),
+    Case(
+        "Reversible",
+        lambda dt, rngs: invnet.reversible(_conditional_stack(dt, rngs)),
+        cond_dim=COND_DIM,
+        tol32=1e-4,
+    ),
 ]
 
 

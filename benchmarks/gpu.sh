@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# invnet GPU benchmarks and GPU tests. Run from anywhere on a machine with a CUDA jax:
+#
+#   bash benchmarks/gpu.sh                 # results in $OUT if set, else benchmarks/results/gpu
+#   QUICK=1 bash benchmarks/gpu.sh         # small sizes (about a minute)
+#
+# Needs python3 with jax (CUDA), flax, optax, numpy, scipy; invnet is used from this checkout
+# through PYTHONPATH (no install, no internet). matplotlib (plot), pytest (GPU tests) and
+# distrax/flowjax (peers) are optional: missing ones are skipped with a message.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+DEST="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$DEST"
+status=0
+
+"$PY" - <<'PY' 2>&1 | tee "$DEST/device.txt"
+import jax
+print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices())
+PY
+
+extra=()
+if [ "${QUICK:-0}" = "1" ]; then extra+=(--quick); fi
+"$PY" benchmarks/run.py --device gpu --out "$DEST" "${extra[@]}" 2>&1 | tee "$DEST/run.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if "$PY" -c "import pytest" 2>/dev/null; then
+  "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "pytest is not installed: GPU tests (tests/test_gpu.py) skipped" | tee "$DEST/pytest_gpu.log"
+fi
+echo "results in $DEST (results.json, table.md, plot.png, run.log, pytest_gpu.log)"
+exit $status
