@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,19 @@ def test_batch_size_must_divide_over_the_devices(four_devices):
     error = four_devices["error"]
     assert error is not None and "batch_size 30 is not divisible by the 4 devices" in error
     assert "28 or 32" in error
+
+
+def test_readme_example_resumes_on_four_devices(tmp_path):
+    # the README's "Scaling and safety" example: mesh="all" on 4 devices, then a resume
+    text = (ROOT / "README.md").read_text().split("## Scaling and safety\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "last.invnet").is_file()
