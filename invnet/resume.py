@@ -108,6 +108,10 @@ class Checkpoint:
                 f"invnet.fit: {path} is not a resumable fit checkpoint (no training state "
                 f"version {STATE_VERSION}); write one with invnet.fit(..., checkpoint_dir=...)"
             )
+        required = {"next_epoch": int, "bad_epochs": int, "has_best": bool, "key_impl": str}
+        for name, kind in required.items():
+            if not isinstance(state.get(name), kind):
+                raise ValueError(f"invnet.fit: {path} has a malformed training state ({name})")
         self.state = state
         self.model = _model_from_payload(payload, path)
         self.arrays = _extra_arrays(payload, path)

@@ -403,9 +403,10 @@ def fit(
     data = placement.data(data)
     if val_data is not None:
         val_data = placement.data(val_data)
+    best_is_loop = best_params is params
     params, opt_state, rest = placement.state((params, opt_state, rest))
     if best_params is not None:
-        best_params = placement.state(best_params)
+        best_params = params if best_is_loop else placement.state(best_params)
 
     run_epoch = _make_epoch_fn(
         graphdef, objective, tx, batch_size, on_nonfinite != "skip", placement
