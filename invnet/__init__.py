@@ -9,7 +9,7 @@ from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
 from invnet.flows import Flow, StandardNormal
 from invnet.hidden import input_for_hidden, saliency
-from invnet.io import load, read_metadata, save
+from invnet.io import load, read_extra_arrays, read_metadata, save
 from invnet.layers import (
     MLP,
     ActNorm,
@@ -46,6 +46,7 @@ __all__ = [
     "save",
     "load",
     "read_metadata",
+    "read_extra_arrays",
     "data_mesh",
     "shard_batch",
     "replicate",

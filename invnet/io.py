@@ -1,6 +1,6 @@
 """Save and load models: architecture + parameters in one file, no pickle, atomic writes.
 
-File layout (format version 1)::
+File layout (format version 2; version 1 files, which lack ``extra_arrays``, still load)::
 
     b"INVNETCK"                      8 bytes, magic
     sha256(payload)                  32 bytes
@@ -10,10 +10,13 @@ File layout (format version 1)::
         architecture    the model's ``to_spec()`` (layer types + constructor arguments)
         arrays          {"path/to/variable": {"dtype": str, "shape": [...], "data": bytes}}
         metadata        user data (JSON-able), e.g. a training step
+        extra_arrays    {"name": {"dtype", "shape", "data"}}: optional arrays beside the
+                        model (`invnet.fit` keeps its optimizer state and keys here)
 
 Loading checks the magic, the checksum, the format version, the layer types (only invnet's
 registered classes are built) and every array's path, dtype and shape against the rebuilt
-model; any mismatch is a ``ValueError`` that says what is wrong. Nothing in the file is ever
+model; any mismatch is a ``ValueError`` that says what is wrong. Extra arrays pass the same
+checksum and the same dtype/size checks. Nothing in the file is ever
 executed. Writes go to a temporary file in the target folder, are fsynced, then renamed
 over the target, so an interrupted save leaves the previous file intact.
 """
@@ -34,10 +37,11 @@ from flax import nnx
 
 from invnet.core import Bijector, from_spec
 
-__all__ = ["save", "load", "read_metadata", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_metadata", "read_extra_arrays", "FORMAT_VERSION"]
 
 MAGIC = b"INVNETCK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: no extra_arrays
 _ALLOWED_DTYPES = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "bool", "uint32"}
 
 
@@ -104,11 +108,19 @@ def _atomic_write(path: Path, blob: bytes) -> None:
         pass
 
 
-def save(model: Bijector, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+def save(
+    model: Bijector,
+    path: str | os.PathLike,
+    *,
+    metadata: dict | None = None,
+    extra_arrays: dict[str, Any] | None = None,
+) -> Path:
     """Save ``model`` (architecture and every variable) to ``path``, atomically.
 
     ``metadata`` is any msgpack-able dict (numbers, strings, lists, dicts) stored beside the
-    model; read it back with `invnet.read_metadata`. Returns the path written.
+    model; read it back with `invnet.read_metadata`. ``extra_arrays`` maps names to arrays
+    (e.g. an optimizer state's leaves) stored in the same file under the same checksum; read
+    them back with `invnet.read_extra_arrays`. Returns the path written.
 
     Example:
         >>> import tempfile, os, jax.numpy as jnp, invnet
@@ -127,6 +139,7 @@ def save(model: Bijector, path: str | os.PathLike, *, metadata: dict | None = No
         "architecture": model.to_spec(),
         "arrays": {k: _encode(v) for k, v in _flat_pure(model).items()},
         "metadata": metadata or {},
+        "extra_arrays": {str(k): _encode(v) for k, v in (extra_arrays or {}).items()},
     }
     body = msgpack.packb(payload, use_bin_type=True)
     path = Path(path)
@@ -154,10 +167,10 @@ def _read_payload(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ValueError(f"invnet.load: {path} payload is not a map")
     fmt = payload.get("format_version")
-    if fmt != FORMAT_VERSION:
+    if fmt not in _READABLE_VERSIONS:
         raise ValueError(
             f"invnet.load: {path} has format version {fmt!r}; this invnet reads "
-            f"{FORMAT_VERSION} (written by invnet {payload.get('invnet_version')!r})"
+            f"{list(_READABLE_VERSIONS)} (written by invnet {payload.get('invnet_version')!r})"
         )
     return payload
 
@@ -167,9 +180,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read_payload(path).get("metadata", {})
 
 
+def read_extra_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The ``extra_arrays`` stored by `invnet.save` (after the same integrity checks);
+    ``{}`` for files without any (and for format version 1 files)."""
+    return _extra_arrays(_read_payload(path), path)
+
+
+def _extra_arrays(payload: dict[str, Any], path) -> dict[str, np.ndarray]:
+    extra = payload.get("extra_arrays", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"invnet.load: {path} extra_arrays is not a map")
+    return {k: _decode(k, v) for k, v in extra.items()}
+
+
 def load(path: str | os.PathLike) -> Bijector:
     """Rebuild a model saved by `invnet.save`, without the user's code. See module docs."""
-    payload = _read_payload(path)
+    return _model_from_payload(_read_payload(path), path)
+
+
+def _model_from_payload(payload: dict[str, Any], path) -> Bijector:
     model = from_spec(payload["architecture"])
     arrays = payload.get("arrays", {})
     expected = _flat_pure(model)

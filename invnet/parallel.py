@@ -1,12 +1,20 @@
 """Data parallelism on JAX's own sharding: batch split along a ``"data"`` mesh axis,
 parameters replicated; XLA inserts the gradient all-reduce. No home-made communication.
 
+`invnet.fit` takes the mesh: ``invnet.fit(model, x, mesh=invnet.data_mesh())`` (or
+``mesh="all"``) shards every batch along the ``"data"`` axis and replicates the parameters
+and optimizer state (the batch size must be a multiple of the device count). The helpers
+below are the same placement for hand-written loops.
+
 Single host: ``mesh = invnet.data_mesh()`` uses every local device. Multi-host (several
 processes, e.g. one per GPU node): call ``jax.distributed.initialize()`` in every process
 first (coordinator address, process count and id come from the cluster environment or
-arguments), then ``invnet.data_mesh()`` spans every device of every process, and each
+arguments), then ``invnet.data_mesh()`` spans every device of every process. With `fit`,
+every process passes the same arrays and key (they are replicated; each device computes its
+slice of each batch) and process 0 writes the checkpoints. In a hand-written loop each
 process feeds its own slice of the global batch (``jax.make_array_from_process_local_data``
-is what `shard_batch` uses when ``jax.process_count() > 1``).
+is what `shard_batch` uses when ``jax.process_count() > 1``). Multi-host runs are written
+for but not tested here (one machine).
 
 On a CPU-only machine, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before
 jax is imported) gives 4 devices to try it with.

@@ -21,9 +21,16 @@ goes on (``"skip"``), ends (``"stop"``) or raises (``"raise"``), and the history
 them. After each epoch: the validation loss, early stopping, checkpoints with `invnet.save`.
 
 Data parallelism is a placement question only: `_Placement` decides where the training
-arrays and the state live. Today everything sits on the default device; a mesh version
-shards the batch axis of the data over a ``"data"`` axis and replicates the parameters,
-and the same jitted epoch function runs unchanged (XLA inserts the gradient all-reduce).
+arrays and the state live. Without a mesh everything sits on the default device. With
+``mesh=`` (see `invnet.data_mesh`) each batch is split along its batch axis over the mesh's
+``"data"`` axis and the parameters, optimizer state and keys are replicated; the same jitted
+epoch function runs unchanged and XLA inserts the gradient all-reduce (``jax.sharding``,
+no hand-written communication).
+
+Resuming: every checkpoint `fit` writes also holds its optimizer state, keys, epoch counter,
+early-stopping counter, best parameters and history (see `invnet.resume`);
+``fit(..., resume_from=path)`` with the original arguments continues that run and ends with
+the parameters the uninterrupted run would have had.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import jax
@@ -41,12 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from invnet import resume
 from invnet.core import Bijector
 from invnet.io import save
 from invnet.layers.norm import ActNorm, data_init
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression
+from invnet.parallel import AXIS, data_mesh, replicate
 
 __all__ = ["fit", "History", "NonFiniteStepWarning"]
 
@@ -64,7 +74,8 @@ class History:
     and ``best_loss`` refer to the monitored loss (validation if given, else training).
     ``nonfinite_steps`` counts steps not applied; ``nonfinite_at`` lists their global step
     numbers (0-based). ``stop_reason`` is ``"epochs"``, ``"early_stopping"`` or
-    ``"nonfinite"``.
+    ``"nonfinite"``. ``epoch_seconds[e]``: wall time of epoch ``e`` (the first includes
+    compilation); ``seconds``: the whole call (after a resume: plus the earlier calls).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -77,6 +88,7 @@ class History:
     nonfinite_steps: int = 0
     nonfinite_at: list[int] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -85,17 +97,67 @@ class History:
 
 
 class _Placement:
-    """Where arrays live. Single device: leave them where JAX puts them.
+    """Where arrays live. Single device: where JAX puts them; nothing moves."""
 
-    The seam for data parallelism: a mesh placement would ``jax.device_put`` the data with
-    ``NamedSharding(mesh, P("data"))`` on the batch axis and the state replicated.
+    devices = 1
+
+    def data(self, tree):  # the training and validation arrays
+        return tree
+
+    def state(self, tree):  # parameters, optimizer state, buffers, per-epoch order and keys
+        return tree
+
+    def batches(self, tree):  # inside the jitted epoch: the (steps, batch, ...) stacks
+        return tree
+
+    def host(self, tree):  # results to read back or keep in the model
+        return tree
+
+
+class _MeshPlacement(_Placement):
+    """Data parallel over the ``"data"`` axis of ``mesh``.
+
+    Every batch is split along its batch axis (``NamedSharding(mesh, P(None, "data"))`` on
+    the stacked ``(steps, batch, ...)`` arrays, a sharding constraint inside the jitted
+    epoch); everything else is replicated. The training set itself is replicated, so each
+    device gathers its own rows of each shuffled batch without communication; the gradient
+    mean over the batch becomes an all-reduce that XLA inserts.
     """
 
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.devices = mesh.shape[AXIS]
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, AXIS))
+
     def data(self, tree):
-        return tree
+        return replicate(tree, self.mesh)
 
     def state(self, tree):
-        return tree
+        return replicate(tree, self.mesh)
+
+    def batches(self, tree):
+        return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
+
+    def host(self, tree):
+        # one (replicated) copy, back on the default device, uncommitted
+        return jax.tree.map(lambda a: jnp.asarray(np.asarray(a.addressable_data(0))), tree)
+
+
+def _placement(mesh) -> _Placement:
+    if mesh is None:
+        return _Placement()
+    if isinstance(mesh, str):
+        if mesh != "all":
+            raise ValueError(f'invnet.fit: mesh must be None, "all" or a jax Mesh, got {mesh!r}')
+        mesh = data_mesh()
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"invnet.fit: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"invnet.fit: the mesh has axes {mesh.axis_names}, none named {AXIS!r}; "
+            "build it with invnet.data_mesh()"
+        )
+    return _MeshPlacement(mesh)
 
 
 def _as_key(key) -> jax.Array:
@@ -103,6 +165,8 @@ def _as_key(key) -> jax.Array:
         return jax.random.key(0)
     if isinstance(key, int | np.integer):
         return jax.random.key(int(key))
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key
+        return jax.random.wrap_key_data(key)
     return key
 
 
@@ -145,7 +209,7 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def _make_epoch_fn(graphdef, objective, tx, batch_size: int, halt_on_nonfinite: bool):
+def _make_epoch_fn(graphdef, objective, tx, batch_size: int, halt_on_nonfinite: bool, placement):
     """A jitted function running one epoch of optimizer steps with ``lax.scan``."""
 
     def step(carry, inputs):
@@ -170,6 +234,7 @@ def _make_epoch_fn(graphdef, objective, tx, batch_size: int, halt_on_nonfinite: 
     def run_epoch(params, opt_state, rest, data, order, keys):
         n_steps = keys.shape[0]
         batches = jax.tree.map(lambda a: a[order].reshape(n_steps, batch_size, *a.shape[1:]), data)
+        batches = placement.batches(batches)
         carry = (params, opt_state, rest, jnp.asarray(False))
         (params, opt_state, _, _), (losses, finite) = jax.lax.scan(step, carry, (batches, keys))
         return params, opt_state, losses, finite
@@ -206,6 +271,8 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     save_best: bool = False,
+    resume_from: str | os.PathLike | None = None,
+    mesh: Mesh | str | None = None,
     on_nonfinite: str = "skip",
     progress: bool = True,
     eval_batch_size: int = 4096,
@@ -224,6 +291,7 @@ def fit(
         optimizer: an optax transformation; default ``optax.adam(learning_rate)``.
         epochs, batch_size, shuffle: each epoch runs ``len(x) // batch_size`` steps on full
             batches of a fresh permutation (the remainder rows wait for the next epoch).
+            ``epochs`` is the total, counting the epochs of a resumed run.
         key: int seed or PRNG key: the split, the shuffles and the per-step keys.
         patience, min_delta: stop after ``patience`` epochs without the monitored loss
             (validation, else training) falling by more than ``min_delta``.
@@ -232,7 +300,17 @@ def fit(
         checkpoint_dir, checkpoint_every, save_best: write ``epoch_NNNN.invnet`` every
             ``checkpoint_every`` epochs, ``best.invnet`` whenever the monitored loss
             improves, and ``last.invnet`` at the end (all with `invnet.save`; metadata
-            holds epoch and losses).
+            holds epoch and losses, and each file can be resumed from).
+        resume_from: a checkpoint written by `fit`: continue that run. Pass the arguments
+            of the original call (same model architecture, data, key, batch size, shuffle,
+            kind of optimizer); parameters, buffers, optimizer state, keys, epoch counter,
+            early-stopping state and history come from the file, so the data order and
+            per-step keys are the uninterrupted run's. A different architecture, data
+            fingerprint, batch size or optimizer structure is a ``ValueError``.
+        mesh: ``None`` (one device), ``"all"`` (every local device) or a
+            `jax.sharding.Mesh` with a ``"data"`` axis (`invnet.data_mesh`): each batch is
+            split over that axis, parameters and optimizer state are replicated. The batch
+            size must be a multiple of the number of devices on the axis.
         on_nonfinite: a step with a non-finite loss or gradient is never applied. Then
             ``"skip"`` goes on, ``"stop"`` ends training, ``"raise"`` raises
             ``FloatingPointError``. Each epoch with such steps issues a
@@ -259,6 +337,7 @@ def fit(
     if epochs < 0 or batch_size < 1:
         raise ValueError("invnet.fit: epochs must be >= 0 and batch_size >= 1")
     t_start = time.perf_counter()
+    placement = _placement(mesh)
     key = _as_key(key)
     data = _collect(x, y, cond)
     objective = objective if objective is not None else _default_objective(model, data)
@@ -280,7 +359,24 @@ def fit(
     if n_train == 0:
         raise ValueError("invnet.fit: no training rows")
     batch_size = min(batch_size, n_train)
+    if batch_size % placement.devices:
+        d = placement.devices
+        lower, upper = batch_size - batch_size % d, batch_size + d - batch_size % d
+        raise ValueError(
+            f"invnet.fit: batch_size {batch_size} is not divisible by the {d} devices of the "
+            f"mesh's {AXIS!r} axis; use a multiple of {d} (e.g. {lower or upper} or {upper})"
+        )
     steps_per_epoch = n_train // batch_size
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    data_sha256 = (
+        resume.fingerprint(data, val_data) if (ckpt_dir or resume_from is not None) else None
+    )
+
+    ckpt = None
+    if resume_from is not None:
+        ckpt = resume.Checkpoint(resume_from)
+        ckpt.check_run(model, batch_size=batch_size, shuffle=shuffle, data_sha256=data_sha256)
+        nnx.update(model, nnx.state(ckpt.model))  # parameters and buffers of the file
 
     # ActNorm's data-dependent init cannot happen inside a pure jit: do it eagerly now.
     nodes = [m for _, m in nnx.iter_graph(model)]
@@ -288,16 +384,35 @@ def fit(
         head = {k: v[:eval_batch_size] for k, v in data.items()}
         data_init(model, head["x"], cond=head.get("cond"))
 
-    placement = _Placement()
-    data = placement.data(data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
     opt_state = tx.init(params)
-    params, opt_state, rest = placement.state((params, opt_state, rest))
-
-    run_epoch = _make_epoch_fn(graphdef, objective, tx, batch_size, on_nonfinite != "skip")
-    evaluate = _make_eval_fn(graphdef, objective)
     key, val_key = jax.random.split(key)
+    history, bad_epochs, best_params, start_epoch = History(), 0, None, 0
+    if ckpt is not None:
+        opt_state = ckpt.opt_state(opt_state)
+        best_params = ckpt.params("best", params)
+        loop_params = ckpt.params("params", params)
+        params = loop_params if loop_params is not None else params
+        key, val_key = ckpt.key("key"), ckpt.key("val_key")
+        history = History(**ckpt.history({f.name for f in fields(History)}))
+        bad_epochs, start_epoch = ckpt.state["bad_epochs"], ckpt.state["next_epoch"]
+        if ckpt.state["has_best"] and best_params is None:
+            best_params = params  # the best were the loop's parameters
+
+    data = placement.data(data)
+    if val_data is not None:
+        val_data = placement.data(val_data)
+    best_is_loop = best_params is params
+    params, opt_state, rest = placement.state((params, opt_state, rest))
+    if best_params is not None:
+        best_params = params if best_is_loop else placement.state(best_params)
+
+    run_epoch = _make_epoch_fn(
+        graphdef, objective, tx, batch_size, on_nonfinite != "skip", placement
+    )
+    evaluate = _make_eval_fn(graphdef, objective)
+    placed_val_key = placement.state(val_key)
 
     def val_loss(p) -> float:
         n = val_data["x"].shape[0]
@@ -305,35 +420,63 @@ def fit(
         for start in range(0, n, eval_batch_size):
             chunk = {k: v[start : start + eval_batch_size] for k, v in val_data.items()}
             rows = chunk["x"].shape[0]
-            total += float(evaluate(p, rest, chunk, val_key)) * rows
+            total += float(placement.host(evaluate(p, rest, chunk, placed_val_key))) * rows
         return total / n
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    history = History()
+    seconds_before = history.seconds
 
-    def checkpoint(name: str, p, epoch: int) -> None:
-        nnx.update(model, p)
+    def checkpoint(name: str, model_params, loop_params, epoch: int) -> None:
+        """Write ``name``: the model at ``model_params`` plus the loop state after ``epoch``."""
+        if jax.process_index() != 0:  # multi-host: one writer
+            return
+        nnx.update(model, placement.host(model_params))
+        history.seconds = seconds_before + time.perf_counter() - t_start
+        if str(ckpt_dir / name) not in history.checkpoints:
+            history.checkpoints.append(str(ckpt_dir / name))
         meta = {
             "epoch": epoch,
             "train_loss": history.train_loss[-1] if history.train_loss else None,
+            "fit": {
+                "version": resume.STATE_VERSION,
+                "next_epoch": epoch + 1,
+                "history": asdict(history),
+                "bad_epochs": bad_epochs,
+                "has_best": best_params is not None,
+                "batch_size": batch_size,
+                "shuffle": shuffle,
+                "n_train": n_train,
+                "data_sha256": data_sha256,
+                "key_impl": str(jax.random.key_impl(key)),
+            },
         }
         if history.val_loss:
             meta["val_loss"] = history.val_loss[-1]
-        path = save(model, ckpt_dir / name, metadata=meta)
-        if str(path) not in history.checkpoints:
-            history.checkpoints.append(str(path))
+        keep_best = best_params is not None and best_params is not loop_params
+        extra = resume.pack(
+            opt_state=placement.host(opt_state),
+            key=key,
+            val_key=val_key,
+            loop_params=None if model_params is loop_params else placement.host(loop_params),
+            best_params=placement.host(best_params) if keep_best else None,
+        )
+        save(model, ckpt_dir / name, metadata=meta, extra_arrays=extra)
 
-    best_params, bad_epochs = None, 0
-    bar = tqdm(range(epochs), desc="invnet.fit", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(
+        range(start_epoch, epochs), desc="invnet.fit", unit="epoch", disable=not progress,
+        leave=False,
+    )  # fmt: skip
+    epoch = start_epoch - 1
     for epoch in bar:
+        t_epoch = time.perf_counter()
         key, k_perm, k_steps = jax.random.split(key, 3)
         if shuffle:
             order = jax.random.permutation(k_perm, n_train)[: steps_per_epoch * batch_size]
         else:
             order = jnp.arange(steps_per_epoch * batch_size)
         keys = jax.random.split(k_steps, steps_per_epoch)
+        order, keys = placement.state((order, keys))
         params, opt_state, losses, finite = run_epoch(params, opt_state, rest, data, order, keys)
-        losses, finite = np.asarray(losses), np.asarray(finite)
+        losses, finite = np.asarray(placement.host(losses)), np.asarray(placement.host(finite))
         if on_nonfinite != "skip" and not finite.all():
             first = int(np.argmin(finite))  # the steps after it were no-ops: drop them
             losses, finite = losses[: first + 1], finite[: first + 1]
@@ -360,7 +503,7 @@ def fit(
                 f"Non-finite steps so far: {history.nonfinite_steps}."
             )
             if on_nonfinite == "raise":
-                nnx.update(model, params)
+                nnx.update(model, placement.host(params))
                 raise FloatingPointError(message)
             warnings.warn(message, NonFiniteStepWarning, stacklevel=2)
 
@@ -371,29 +514,34 @@ def fit(
         if improved:
             history.best_loss, history.best_epoch = monitored, epoch
             best_params, bad_epochs = params, 0
-            if ckpt_dir is not None and save_best:
-                checkpoint("best.invnet", params, epoch)
         else:
             bad_epochs += 1
+        stop = None
+        if len(bad) and on_nonfinite == "stop":
+            stop = "nonfinite"
+        elif patience is not None and bad_epochs >= patience:
+            stop = "early_stopping"
+        history.stop_reason = stop or "epochs"
+        history.epoch_seconds.append(time.perf_counter() - t_epoch)
+
+        # checkpoints: snapshots of the state after this epoch, each one resumable
+        if ckpt_dir is not None and save_best and improved:
+            checkpoint("best.invnet", params, params, epoch)
         if ckpt_dir is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
-            checkpoint(f"epoch_{epoch + 1:04d}.invnet", params, epoch)
+            checkpoint(f"epoch_{epoch + 1:04d}.invnet", params, params, epoch)
         postfix = {"train": f"{history.train_loss[-1]:.4f}"}
         if history.val_loss:
             postfix["val"] = f"{history.val_loss[-1]:.4f}"
         bar.set_postfix(postfix, refresh=False)
-
-        if len(bad) and on_nonfinite == "stop":
-            history.stop_reason = "nonfinite"
-            break
-        if patience is not None and bad_epochs >= patience:
-            history.stop_reason = "early_stopping"
+        if stop:
             break
     bar.close()
 
+    final = params
     if restore_best and history.val_loss and best_params is not None:
-        params = best_params
-    nnx.update(model, params)
+        final = best_params
     if ckpt_dir is not None:
-        checkpoint("last.invnet", params, history.epochs - 1)
-    history.seconds = time.perf_counter() - t_start
+        checkpoint("last.invnet", final, params, epoch)
+    nnx.update(model, placement.host(final))
+    history.seconds = seconds_before + time.perf_counter() - t_start
     return history
