@@ -212,3 +212,21 @@ def test_precision_setting_reaches_every_layer_and_is_saved(tmp_path):
     assert all(m.precision == "default" for m in loaded)
     with pytest.raises(ValueError, match="precision"):
         invnet.set_precision(model, "fast")
+
+
+def test_uninitialised_actnorm_under_pure_jax_grad_does_not_crash():
+    model = invnet.Sequential(invnet.ActNorm(3), invnet.LULinear(3, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = 2.0 + jax.random.normal(jax.random.key(0), (64, 3), jnp.float32)
+
+    @jax.jit
+    def grads(params, rest, x):
+        def loss(p):
+            z, ld = nnx.merge(graphdef, p, rest).forward(x)
+            return jnp.mean(z**2) - jnp.mean(ld)
+
+        return jax.grad(loss)(params)
+
+    g = grads(params, rest, x)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
+    assert not bool(model.layers[0].initialized[...])  # nothing could be written back

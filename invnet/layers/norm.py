@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.errors import TraceContextError
 
 from invnet.core import Bijector, Buffer
 
@@ -25,8 +26,10 @@ class ActNorm(Bijector):
       ``bias = -mean(x)`` and ``log_scale = -log(std(x) + eps)`` over all batch axes, so
       that batch comes out with zero mean and unit variance, and marks the layer
       initialised; later calls leave the parameters to the optimiser. Under a pure
-      ``jax.jit`` of ``nnx.merge`` the update cannot be kept: initialise first
-      (`invnet.data_init(model, x)` or one eager ``model.forward(x)``). ``inverse`` never
+      ``jax.jit`` / ``jax.grad`` of ``nnx.merge`` the update cannot be kept (each call then
+      standardises with its own batch statistics, and the layer's parameters get no
+      gradient): initialise first (`invnet.data_init(model, x)` or one eager
+      ``model.forward(x)``; `invnet.fit` does this for you). ``inverse`` never
       initialises. A batch of one sample (std 0) keeps ``log_scale`` finite through ``eps``.
 
     Reference: Kingma & Dhariwal, "Glow", NeurIPS 2018.
@@ -59,16 +62,26 @@ class ActNorm(Bijector):
         self._init_from(x, force=True)
 
     def _init_from(self, x, force=False):
+        """Data-dependent values where the layer is uninitialised; written back if possible.
+
+        Returns the ``(bias, log_scale)`` this call must use. Under a transformation that
+        cannot write the layer's variables (e.g. ``jax.grad`` of an ``nnx.merge`` made in an
+        outer trace) the values are used for this call only and the layer stays as it was.
+        """
         flat = x.reshape(-1, self.dim)
-        mean = jnp.mean(flat, axis=0)
-        std = jnp.std(flat, axis=0)
         dt = self.param_dtype
-        new_bias = (-mean).astype(dt)
-        new_log_scale = (-jnp.log(std + self.eps)).astype(dt)
+        new_bias = (-jnp.mean(flat, axis=0)).astype(dt)
+        new_log_scale = (-jnp.log(jnp.std(flat, axis=0) + self.eps)).astype(dt)
         done = jnp.asarray(False if force else self.initialized[...])
-        self.bias[...] = jnp.where(done, self.bias[...], new_bias)
-        self.log_scale[...] = jnp.where(done, self.log_scale[...], new_log_scale)
-        self.initialized[...] = jnp.asarray(True)
+        bias = jnp.where(done, self.bias[...], new_bias)
+        log_scale = jnp.where(done, self.log_scale[...], new_log_scale)
+        try:
+            self.bias[...] = bias
+            self.log_scale[...] = log_scale
+            self.initialized[...] = jnp.asarray(True)
+        except TraceContextError:
+            pass
+        return bias, log_scale
 
     def _needs_init(self) -> bool:
         flag = self.initialized[...]
@@ -78,9 +91,11 @@ class ActNorm(Bijector):
 
     def _forward(self, x, cond):
         if self._needs_init():
-            self._init_from(jax.lax.stop_gradient(x))
-        log_scale = self.log_scale[...].astype(x.dtype)
-        y = (x + self.bias[...].astype(x.dtype)) * jnp.exp(log_scale)
+            bias, log_scale = self._init_from(jax.lax.stop_gradient(x))
+        else:
+            bias, log_scale = self.bias[...], self.log_scale[...]
+        log_scale = log_scale.astype(x.dtype)
+        y = (x + bias.astype(x.dtype)) * jnp.exp(log_scale)
         return y, jnp.broadcast_to(jnp.sum(log_scale), x.shape[:-1])
 
     def _inverse(self, y, cond):
