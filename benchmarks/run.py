@@ -168,6 +168,7 @@ def main(argv=None) -> int:
             results["skipped"][name] = skipped
             print(f"[{name}] skipped: {skipped}", flush=True)
         print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))  # partial, kept on abort
     env["total_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1))
     import report

@@ -133,7 +133,9 @@ def test_float32_round_trip_is_exact_at_default_precision_setting(dim):
     for block in model:
         if isinstance(block, invnet.AffineCoupling):
             out = block.conditioner.out
-            out.kernel[...] = 0.01 * jax.random.normal(jax.random.key(1), out.kernel.shape)
+            out.kernel[...] = 0.01 * jax.random.normal(
+                jax.random.key(1), out.kernel.shape, out.kernel.dtype
+            )
     x = jax.random.normal(jax.random.key(2), (4096, dim), jnp.float32)
     err_exact = _jit_round_trip_error(model, x)
     invnet.set_precision(model, "default")
