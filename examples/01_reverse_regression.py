@@ -119,7 +119,7 @@ def relu_vs_leaky(quick: bool, out: Path) -> dict:
 
     # LULinear's permutation and diagonal signs are fixed when it is built (so it can never
     # pass through a singular matrix); init="identity" starts at W = I, whose orientation
-    # matches this process. A random orthogonal init may not, and then cannot fit it.
+    # matches this process. A random init may not, and then cannot fit it.
     inn = invnet.Sequential(
         invnet.LULinear(2, init="identity", rngs=nnx.Rngs(0)),
         invnet.LeakyReLU(0.5, learnable=True),

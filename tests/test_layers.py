@@ -56,9 +56,14 @@ def test_from_matrix_reproduces_the_matrix():
 def test_lulinear_identity_init_and_orthogonal_init():
     ident = invnet.LULinear(4, init="identity", param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(ident.weight(), np.eye(4), atol=0)
-    rot = invnet.LULinear(4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    rot = invnet.LULinear(4, init="orthogonal", param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     w = np.asarray(rot.weight())
     np.testing.assert_allclose(w @ w.T, np.eye(4), atol=1e-12)
+    # the default random init keeps the factors themselves well conditioned at any size
+    big = invnet.LULinear(512, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    _, lower, upper = (np.asarray(a) for a in big.factors())
+    assert np.linalg.cond(lower) < 5 and np.linalg.cond(upper) < 5
+    assert sorted(np.asarray(big.perm[...]).tolist()) == list(range(512))
     with pytest.raises(ValueError, match="init"):
         invnet.LULinear(4, init="zeros", rngs=nnx.Rngs(0))
 

@@ -33,8 +33,15 @@ class LULinear(Bijector):
     * Log-det: ``log|det W| = sum(log_scale)``, O(D), the same for every sample.
     * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` by two triangular solves, O(B D^2).
       `invnet.compile` swaps these for one precomputed GEMM where speed matters.
-    * Init: ``init="orthogonal"`` (default) factors a random rotation, so the layer starts
-      perfectly conditioned; ``init="identity"`` starts at ``W = I``. The bias starts at 0.
+    * Init: ``init="random"`` (default): a random permutation ``P`` and random signs, and
+      ``L``, ``U`` off-diagonals drawn from ``N(0, 0.3^2 / D)``, ``log_scale = 0``: the
+      factors start well conditioned at every size (cond(L), cond(U) ~ 2), so the
+      triangular products and solves lose only a few ulps. ``init="orthogonal"`` factors a
+      random rotation: ``W`` is perfectly conditioned but its pivoted LU factors are not
+      (cond(L) ~ cond(U) ~ 80 at D=64, 2.4e3 at D=1024), which costs the eager round trip
+      accuracy at large D (4.5e-5 relative at D=1024 in float32; `invnet.compile`, which
+      forms ``W`` in float64, does not lose it). ``init="identity"`` starts at ``W = I``.
+      The bias starts at 0.
     * ``LULinear.from_matrix(W, b)`` takes any trained, finite, non-singular square matrix.
     * Reachable matrices: ``P`` and ``sign`` are fixed when the layer is built, so training
       keeps the sign of ``det W`` (as any continuous path through invertible matrices must)
@@ -59,15 +66,17 @@ class LULinear(Bijector):
         dim: int,
         *,
         bias: bool = True,
-        init: str = "orthogonal",
+        init: str = "random",
         param_dtype: Any = jnp.float32,
         precision: str = "highest",
         rngs: nnx.Rngs,
     ):
         if not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"LULinear: dim must be a positive integer, got {dim!r}")
-        if init not in ("orthogonal", "identity"):
-            raise ValueError(f"LULinear: init must be 'orthogonal' or 'identity', got {init!r}")
+        if init not in ("random", "orthogonal", "identity"):
+            raise ValueError(
+                f"LULinear: init must be 'random', 'orthogonal' or 'identity', got {init!r}"
+            )
         self.dim = int(dim)
         self.use_bias = bool(bias)
         self.init = init
@@ -76,21 +85,32 @@ class LULinear(Bijector):
         if init == "orthogonal":
             gauss = np.asarray(jax.random.normal(rngs.params(), (dim, dim), jnp.float32), float)
             q, r = np.linalg.qr(gauss)
-            weight = q * np.sign(np.diag(r))
+            self._set_factors(q * np.sign(np.diag(r)), np.zeros(dim))
+        elif init == "random":
+            k_perm, k_sign, k_noise = jax.random.split(rngs.params(), 3)
+            noise = np.asarray(jax.random.normal(k_noise, (dim, dim), jnp.float32), float)
+            noise *= 0.3 / np.sqrt(dim)
+            perm = np.asarray(jax.random.permutation(k_perm, dim))
+            sign = np.where(np.asarray(jax.random.bernoulli(k_sign, 0.5, (dim,))), 1.0, -1.0)
+            zeros = np.zeros(dim)
+            self._store(perm, np.tril(noise, -1), np.triu(noise, 1), sign, zeros, zeros)
         else:
-            weight = np.eye(dim)
-        self._set_factors(weight, np.zeros(dim))
+            self._set_factors(np.eye(dim), np.zeros(dim))
 
     def _set_factors(self, weight: np.ndarray, bias: np.ndarray) -> None:
         perm, lower, upper = _lu_factors(np.asarray(weight, np.float64))
         diag = np.diag(upper)
+        self._store(perm, lower, np.triu(upper, 1), np.sign(diag), np.log(np.abs(diag)), bias)
+
+    def _store(self, perm, lower, upper, sign, log_scale, bias) -> None:
+        """Set every variable from float64 numpy factors (strict lower / strict upper)."""
         dt = self.param_dtype
         self.perm = Buffer(jnp.asarray(perm, jnp.int32))
         self.inv_perm = Buffer(jnp.asarray(np.argsort(perm), jnp.int32))
-        self.sign = Buffer(jnp.asarray(np.sign(diag), dt))
+        self.sign = Buffer(jnp.asarray(sign, dt))
         self.lower = nnx.Param(jnp.asarray(lower, dt))
-        self.upper = nnx.Param(jnp.asarray(np.triu(upper, 1), dt))
-        self.log_scale = nnx.Param(jnp.asarray(np.log(np.abs(diag)), dt))
+        self.upper = nnx.Param(jnp.asarray(upper, dt))
+        self.log_scale = nnx.Param(jnp.asarray(log_scale, dt))
         self.bias = nnx.Param(jnp.asarray(bias, dt)) if self.use_bias else None
 
     @classmethod
