@@ -156,7 +156,7 @@ def _temp_bytes(module, x):
 def test_activation_memory_is_flat_in_depth():
     """XLA's compiled memory analysis: ordinary backprop's temp memory grows with depth,
     the reversible step's does not (depth 2 -> 8, at most 1.2x)."""
-    x = jax.random.normal(jax.random.key(0), (256, 4))
+    x = jax.random.normal(jax.random.key(0), (256, 4), jnp.float32)
 
     def model(depth):
         r = nnx.Rngs(0)
