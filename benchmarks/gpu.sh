@@ -26,7 +26,7 @@ if [ "${QUICK:-0}" = "1" ]; then extra+=(--quick); fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
+  "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "pytest is not installed: GPU tests (tests/test_gpu.py) skipped" | tee "$DEST/pytest_gpu.log"

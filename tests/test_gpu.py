@@ -1,4 +1,4 @@
-"""GPU checks (``python -m pytest -m gpu`` on a machine with a CUDA jax).
+"""GPU checks (``python -m pytest -o addopts="" -m gpu tests/test_gpu.py`` on a CUDA machine).
 
 Round trips of a compiled, well-conditioned float32 LULinear (identity init, perturbed)
 at D=4096 in each precision mode. Bounds: "highest", "bf16x6" and "tf32x3" aim at float32
