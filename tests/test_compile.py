@@ -13,24 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from registry import perturb
 
 import invnet
 
 DIM = 6
 COND_DIM = 3
-
-
-def _perturb(model, scale=0.2, seed=1):
-    """Move every parameter away from its init (numpy noise: no per-shape jax compiles)."""
-    rng = np.random.default_rng(seed)
-    params = nnx.state(model, nnx.Param)
-    nnx.update(
-        model,
-        jax.tree.map(
-            lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params
-        ),
-    )
-    return model
 
 
 def _every_layer(dt):
@@ -49,7 +37,7 @@ def _every_layer(dt):
 
 
 def _prepared(dt):
-    model = _perturb(_every_layer(dt))
+    model = perturb(_every_layer(dt), 0.2)
     x = jax.random.normal(jax.random.key(2), (5, DIM), dt)
     cond = jax.random.normal(jax.random.key(3), (5, COND_DIM), dt) if model.cond_dim else None
     for _, node in nnx.iter_graph(model):  # perturbed ActNorm parameters count as initialised
@@ -108,7 +96,7 @@ def _assert_close(x, y, log_det, x_back, y_c, log_det_c, x_c, inv_log_det_c, log
 
 
 def test_unpacks_into_two_functions():
-    layer = _perturb(invnet.LULinear(DIM, rngs=nnx.Rngs(0)))
+    layer = perturb(invnet.LULinear(DIM, rngs=nnx.Rngs(0)), 0.2)
     x = jax.random.normal(jax.random.key(2), (5, DIM))
     fwd, inv = invnet.compile(layer)
     y, _ = fwd(x)
@@ -117,12 +105,12 @@ def test_unpacks_into_two_functions():
 
 def test_stale_compiled_is_refused_and_refresh_rebuilds():
     r = nnx.Rngs(0)
-    model = _perturb(invnet.Sequential(invnet.LULinear(DIM, rngs=r), invnet.LeakyReLU(0.5)))
+    model = perturb(invnet.Sequential(invnet.LULinear(DIM, rngs=r), invnet.LeakyReLU(0.5)), 0.2)
     x, cond = jax.random.normal(jax.random.key(2), (5, DIM)), None
     fast = invnet.compile(model)
     fwd, inv = fast
     y, _ = fwd(x, cond=cond)
-    _perturb(model, 0.05, seed=7)  # an optimizer step would do the same
+    perturb(model, 0.05, seed=7)  # an optimizer step would do the same
     for call in (fwd, inv, fast.log_det):
         with pytest.raises(invnet.StaleCompiledError, match="refresh"):
             call(x, cond=cond)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from registry import perturb
 
 import invnet
 
@@ -27,19 +28,7 @@ BOUNDS = {"highest": 1e-5, "bf16x6": 1e-5, "tf32x3": 1e-5, "bf16x3": 1e-3, "defa
 def _layer(dim):
     # identity init + 0.3 / sqrt(D) per factor entry: condition number ~2.4 at D=1024..4096;
     # on CPU (true float32) its round trip is 1.8e-06 compiled and 1.4e-06 with solves
-    return _perturb(invnet.LULinear(dim, init="identity", rngs=nnx.Rngs(0)), 0.3 / dim**0.5)
-
-
-def _perturb(layer, scale):
-    rng = np.random.default_rng(1)
-    params = nnx.state(layer, nnx.Param)
-    nnx.update(
-        layer,
-        jax.tree.map(
-            lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params
-        ),
-    )
-    return layer
+    return perturb(invnet.LULinear(dim, init="identity", rngs=nnx.Rngs(0)), 0.3 / dim**0.5)
 
 
 def _rel(a, b):
@@ -85,7 +74,7 @@ def test_reversible_gradients_on_gpu():
         )
         for _ in range(4)
     ]
-    model = _perturb(invnet.Sequential(*blocks), 0.05)
+    model = perturb(invnet.Sequential(*blocks), 0.05)
     x = jax.random.normal(jax.random.key(0), (64, 16))
 
     def loss(m):

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from registry import perturb
 
 import invnet
 from invnet.verify import SAFETY, layer_bound
-from tests.test_verify import D, perturb
+from tests.test_verify import D
 
 
 @pytest.fixture(scope="module")

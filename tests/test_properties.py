@@ -30,7 +30,7 @@ def _check_round_trip(model, x, cond=None):
 )
 def test_lulinear_round_trip(dim, batch, seed, scale):
     layer = invnet.LULinear(dim, param_dtype=jnp.float64, rngs=nnx.Rngs(seed))
-    perturb(layer, jax.random.key(seed), scale)
+    perturb(layer, scale, seed=seed)
     x = jax.random.normal(jax.random.key(seed + 1), (*batch, dim), jnp.float64)
     _check_round_trip(layer, x)
 
@@ -56,7 +56,7 @@ def test_stack_round_trip(dim, batch, seed, cond_dim, slope):
             dim, hidden=(4,), cond_dim=cond_dim, param_dtype=jnp.float64, rngs=rngs
         ),
     )
-    perturb(model, jax.random.key(seed), 0.3)
+    perturb(model, 0.3, seed=seed)
     kx, kc = jax.random.split(jax.random.key(seed + 2))
     x = jax.random.normal(kx, (*batch, dim), jnp.float64) * 3
     cond = jax.random.normal(kc, (*batch, cond_dim), jnp.float64) if cond_dim else None

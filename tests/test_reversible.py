@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
+from registry import perturb
 
 import invnet
 
 DIM, COND_DIM = 6, 3
-
-
-def _perturb(model, scale=0.1, seed=1):
-    rng = np.random.default_rng(seed)
-    params = nnx.state(model, nnx.Param)
-    nnx.update(
-        model,
-        jax.tree.map(
-            lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params
-        ),
-    )
-    return model
 
 
 def _mixed(dt):
@@ -43,7 +31,7 @@ def _mixed(dt):
     for _, node in nnx.iter_graph(model):
         if isinstance(node, invnet.ActNorm):
             node.initialized[...] = jnp.asarray(True)
-    return _perturb(model)
+    return perturb(model, 0.1)
 
 
 def _homogeneous(dt, depth=3):
@@ -55,7 +43,7 @@ def _homogeneous(dt, depth=3):
         )
         for _ in range(depth)
     ]
-    return _perturb(invnet.Sequential(*blocks))
+    return perturb(invnet.Sequential(*blocks), 0.1)
 
 
 def _loss(direction):

@@ -10,24 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from registry import perturb
 
 import invnet
 from invnet.core import Bijector
 
 D = 4
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def perturb(model, scale=0.3, seed=1):
-    """Move every parameter away from its (often identity) init, so the checks mean something."""
-    params = nnx.state(model, nnx.Param)
-    leaves = jax.tree.leaves(params)
-    keys = iter(jax.random.split(jax.random.key(seed), len(leaves)))
-    nnx.update(
-        model,
-        jax.tree.map(lambda p: p + scale * jax.random.normal(next(keys), p.shape, p.dtype), params),
-    )
-    return model
 
 
 def ill_conditioned_model(condition=1e6):

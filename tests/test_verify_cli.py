@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from registry import perturb
 
 import invnet
 from invnet.cli import main
-from tests.test_verify import D, ill_conditioned_model, perturb
+from tests.test_verify import D, ill_conditioned_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
