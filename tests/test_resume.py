@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import jax
-import msgpack
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_checkpoint import _repack
 
 import invnet
 import invnet.train
 from invnet.demo import moons
-from invnet.io import MAGIC
 
 EPOCHS, CRASH_AFTER = 6, 2
 
@@ -35,15 +33,6 @@ def _flow(seed=0):
 
 def _state(model):
     return [np.asarray(a) for a in jax.tree.leaves(nnx.state(model))]
-
-
-def _repack(path, mutate) -> None:
-    """Decode a checkpoint, apply ``mutate`` to the payload, write it back with a valid checksum."""
-    blob = path.read_bytes()
-    payload = msgpack.unpackb(blob[len(MAGIC) + 32 :], raw=False)
-    mutate(payload)
-    body = msgpack.packb(payload, use_bin_type=True)
-    path.write_bytes(MAGIC + hashlib.sha256(body).digest() + body)
 
 
 def _comparable(history):
