@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +61,6 @@ class Buffer(nnx.Variable):
 _LAYER_TYPES: dict[str, type[Bijector]] = {}
 
 
-def layer_types() -> dict[str, type[Bijector]]:
-    """Every registered Bijector class by name (used by `invnet.load`)."""
-    return dict(_LAYER_TYPES)
-
-
 class Bijector(nnx.Module):
     """Base class of every invnet layer: a bijection on the last axis.
 
@@ -79,7 +74,6 @@ class Bijector(nnx.Module):
     dim: int | None = None
     cond_dim: int = 0
     precision: str = "highest"
-    _config_exclude: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
