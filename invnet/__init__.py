@@ -18,6 +18,7 @@ from invnet.layers import (
     LeakyReLU,
     LULinear,
     Permute,
+    Reshape,
     data_init,
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
@@ -39,6 +40,7 @@ __all__ = [
     "AdditiveCoupling",
     "MLP",
     "Permute",
+    "Reshape",
     "ActNorm",
     "data_init",
     "set_precision",

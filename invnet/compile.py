@@ -79,14 +79,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import scipy.linalg
 from flax import nnx
 
-from invnet.core import Bijector, Inverse, Sequential
-from invnet.layers.linear import LULinear
-from invnet.layers.norm import ActNorm
+from invnet.core import Bijector, nodes, using_prepared
 
 __all__ = ["compile", "Compiled", "StaleCompiledError", "LU_INVERSE_METHODS"]
 
@@ -97,28 +92,8 @@ class StaleCompiledError(RuntimeError):
     """A `Compiled` model was called after the model's parameters changed."""
 
 
-def _lu_matrices(layer: LULinear) -> dict[str, jax.Array]:
-    """``W`` and ``W^{-1}`` formed in float64 on the host from the layer's parameters, then
-    rounded once to the layer's parameter dtype."""
-    d = layer.dim
-    perm = np.asarray(layer.perm[...]).astype(int)
-    lower = np.tril(np.asarray(layer.lower[...], np.float64), -1) + np.eye(d)
-    diag = np.asarray(layer.sign[...], np.float64) * np.exp(
-        np.asarray(layer.log_scale[...], np.float64)
-    )
-    upper = np.triu(np.asarray(layer.upper[...], np.float64), 1) + np.diag(diag)
-    weight = (lower @ upper)[perm]
-    eye = np.eye(d)
-    lower_inv = scipy.linalg.solve_triangular(lower, eye, lower=True, unit_diagonal=True)
-    upper_inv = scipy.linalg.solve_triangular(upper, eye, lower=False)
-    # W^{-1} = U^{-1} L^{-1} P^T, and (M P^T)[:, i] = M[:, perm[i]] as (P v)_i = v[perm[i]]
-    weight_inv = (upper_inv @ lower_inv)[:, perm]
-    dt = layer.param_dtype
-    return {"weight": jnp.asarray(weight, dt), "weight_inv": jnp.asarray(weight_inv, dt)}
-
-
 def _check_platform(model: Bijector) -> None:
-    precisions = {n.precision for _, n in nnx.iter_graph(model) if isinstance(n, Bijector)}
+    precisions = {n.precision for n in nodes(model)}
     if "tf32x3" in precisions and jax.default_backend() != "gpu":
         raise ValueError(
             "precision 'tf32x3' needs an NVIDIA GPU (TF32 tensor cores); the default backend "
@@ -165,17 +140,14 @@ class Compiled:
 
     def refresh(self) -> Compiled:
         """Re-snapshot the model's current state and recompute the precomputed matrices."""
-        for _, node in nnx.iter_graph(self.model):
-            if isinstance(node, ActNorm) and not bool(node.initialized[...]):
-                raise ValueError(
-                    "compile: the model has an ActNorm that has not seen data yet; its first "
-                    "forward would set its parameters. Run invnet.data_init(model, x) (or one "
-                    "eager forward) before compiling"
-                )
+        for node in nodes(self.model):
+            problem = node.not_ready()
+            if problem is not None:
+                raise ValueError(f"compile: {problem}")
         _check_platform(self.model)
         graphdef, state = nnx.split(self.model)
-        lu_layers = [n for _, n in nnx.iter_graph(self.model) if isinstance(n, LULinear)]
-        extras = [] if self.lu_inverse == "solve" else [_lu_matrices(n) for n in lu_layers]
+        # what each layer precomputes (None: runs as written), in the order of `nodes`
+        extras = [node.prepare(lu_inverse=self.lu_inverse) for node in nodes(self.model)]
         # flattened once here, so a call passes a flat list to jit instead of a nested State
         consts, treedef = jax.tree.flatten((state, extras))
         if (graphdef, treedef) != getattr(self, "_structure", None):
@@ -204,15 +176,18 @@ class Compiled:
     # ------------------------------------------------------------------------- calls
     def _fn(self, direction: str):
         if direction not in self._jitted:
-            graphdef, lu_inverse, treedef = self._graphdef, self.lu_inverse, self._treedef
+            graphdef, treedef = self._graphdef, self._treedef
 
             def run(consts, x, cond):
                 state, extras = jax.tree.unflatten(treedef, consts)
                 model = nnx.merge(graphdef, state)
-                lus = [n for _, n in nnx.iter_graph(model) if isinstance(n, LULinear)]
-                table = {id(n): e for n, e in zip(lus, extras, strict=False)}
-                inverse = direction == "inverse"
-                y, log_det = _apply(model, x, cond, inverse, table, lu_inverse)
+                table = {
+                    id(n): e for n, e in zip(nodes(model), extras, strict=True) if e is not None
+                }
+                with using_prepared(table):
+                    if direction == "inverse":
+                        return model.inverse(x, cond=cond)
+                    y, log_det = model.forward(x, cond=cond)
                 return log_det if direction == "log_det" else (y, log_det)
 
             self._jitted[direction] = jax.jit(run)
@@ -238,43 +213,6 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"Compiled({type(self.model).__name__}, lu_inverse={self.lu_inverse!r})"
-
-
-def _apply(node: Bijector, x, cond, inverse: bool, table, lu_inverse):
-    """Run ``node`` one way, swapping each LULinear for its precomputed matrices."""
-    if isinstance(node, Sequential):
-        x = node._check_input(x, "y" if inverse else "x")
-        cond = node._check_cond(cond, x) if node.cond_dim else cond
-        log_det = node._zero_log_det(x)
-        layers = list(node.layers)
-        for layer in reversed(layers) if inverse else layers:
-            x, ld = _apply(layer, x, cond, inverse, table, lu_inverse)
-            log_det = log_det + ld
-        return x, log_det
-    if isinstance(node, Inverse):
-        return _apply(node.bijector, x, cond, not inverse, table, lu_inverse)
-    if isinstance(node, LULinear) and id(node) in table:
-        x = node._check_input(x, "y" if inverse else "x")
-        with node._precision_scope(x.dtype):
-            return _lu_apply(node, table[id(node)], x, inverse, lu_inverse)
-    return node.inverse(x, cond=cond) if inverse else node.forward(x, cond=cond)
-
-
-def _lu_apply(node: LULinear, mats, x, inverse: bool, lu_inverse: str):
-    dt = x.dtype
-    weight, bias = mats["weight"].astype(dt), node._bias(dt)
-    log_det = node._log_det(x)
-    if not inverse:
-        return x @ weight.T + bias, log_det
-    weight_inv = mats["weight_inv"].astype(dt)
-    # x = W^{-1} (y - b). Folding the bias into a precomputed -W^{-1} b would save one
-    # elementwise pass but cancels badly on ill-conditioned layers (measured: 7x the error at
-    # condition number 1e4), so the subtraction stays.
-    v = x - bias
-    out = v @ weight_inv.T
-    if lu_inverse == "matrix+refine":
-        out = out + (v - out @ weight.T) @ weight_inv.T
-    return out, -log_det
 
 
 def compile(model: Bijector, *, lu_inverse: str = "matrix") -> Compiled:  # noqa: A001

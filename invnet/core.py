@@ -1,23 +1,28 @@
-"""The Bijector contract, and the two containers `Sequential` and `Inverse`.
+"""The Bijector contract, the one walk of a model, and the containers `Sequential`, `Inverse`.
 
-Every invnet layer is a bijection f: R^D -> R^D acting on the last axis of its input, with
-any number of leading batch axes, and has exactly two methods:
+Every invnet layer is a bijection of the last ``k`` axes of its input (its *event*: ``k = 1``
+for feature vectors, ``k = 3`` for channels-last images ``(H, W, C)``), with any number of
+leading batch axes, and has exactly two methods:
 
     forward(x, *, cond=None) -> (y, log_det)    y = f(x),       log_det = log|det df/dx|
     inverse(y, *, cond=None) -> (x, log_det)    x = f^{-1}(y),  log_det = log|det df^{-1}/dy|
 
-`log_det` has the batch shape `x.shape[:-1]`; at matching points the inverse's log-det is
+`log_det` has the batch shape ``x.shape[:-k]``; at matching points the inverse's log-det is
 minus the forward's. There is no direction flag and no cached result: `inverse` recomputes
-`x` from `y` every time.
+`x` from `y` every time. A layer may change its event's shape but never its size (a 2x2
+squeeze maps ``(H, W, C)`` to ``(H/2, W/2, 4C)``); `Sequential` checks that neighbours fit
+when it is built.
 
 Input rules (checked when a call is traced, never by silent broadcasting):
 
-* the last axis must have the layer's size -> `ValueError` naming expected and got;
-* `x` must be a floating array -> `TypeError` for integers, booleans, complex;
-* a conditional layer (`cond_dim > 0`) needs `cond` of shape `(..., cond_dim)` whose batch
-  axes equal `x`'s, or `(cond_dim,)` to use one condition for the whole batch -> `ValueError`
-  otherwise. Unconditional layers ignore `cond`, so one `cond` can be passed to a whole
-  `Sequential`.
+* the event axes must have the layer's sizes -> `ValueError` naming expected and got;
+* `x` must be a float32 or float64 array -> `TypeError` for integers, booleans, complex and
+  for float16/bfloat16 (their round trips lose 1e-3 to 1e-2; convert first);
+* a conditional layer (``cond_dim > 0``) needs `cond` of shape ``(..., cond_dim)`` whose batch
+  axes equal `x`'s, or ``(cond_dim,)`` to use one condition for the whole batch ->
+  `ValueError` otherwise. A model with no conditional layer refuses a `cond` (a forgotten
+  ``cond_dim=`` would otherwise train an unconditional model silently); inside a model, a
+  container hands `cond` only to its conditional children.
 * NaN or inf inputs are not errors: they propagate to NaN/inf outputs (use `invnet.verify`
   to find them).
 
@@ -25,20 +30,41 @@ Outputs keep the input's dtype; parameters are cast to it. Every matrix product 
 layer runs at the layer's `precision` (default `"highest"`, i.e. true float32 even on GPUs,
 where JAX's default float32 matmul is TF32-like and loses ~1e-3 relative per product). Set
 it for a whole model with `invnet.set_precision(model, mode)`.
+
+What a layer knows about itself lives on the layer (defaults here, overridden in the
+layer's own file): `Bijector.error_bound` (how much a round trip can amplify rounding,
+used by `invnet.verify`), `Bijector.prepare` / `forward_prepared` / `inverse_prepared` (what
+`invnet.compile` precomputes and how it is applied), `Bijector.not_ready` /
+`reset_data_init` (data-dependent initialisation). Every tool walks a model through
+`nodes` (every bijector, for settings and hooks) or `steps` (the leaf layers in the order
+``forward`` applies them, for per-layer checks), both built from each container's `chain`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Bijector", "Buffer", "Sequential", "Inverse", "set_precision", "PRECISIONS"]
+__all__ = [
+    "Bijector",
+    "Buffer",
+    "Sequential",
+    "Inverse",
+    "Step",
+    "nodes",
+    "steps",
+    "set_precision",
+    "PRECISIONS",
+]
 
 # Matmul precision modes, by the name users pass. Values go to jax.default_matmul_precision.
 PRECISIONS: dict[str, str] = {
@@ -48,6 +74,8 @@ PRECISIONS: dict[str, str] = {
     "bf16x6": "BF16_BF16_F32_X6",  # 6 bf16 passes: float32-level accuracy on tensor cores
     "bf16x3": "BF16_BF16_F32_X3",  # 3 bf16 passes: ~1e-5 relative
 }
+
+Shape = tuple[int | None, ...]  # an event shape; None: any size on that axis
 
 
 class Buffer(nnx.Variable):
@@ -60,19 +88,61 @@ class Buffer(nnx.Variable):
 
 _LAYER_TYPES: dict[str, type[Bijector]] = {}
 
+# id(layer) -> arrays that `invnet.compile` precomputed for it, while a compiled call traces
+_PREPARED: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
+    "invnet_prepared", default=None
+)
+
+
+@contextlib.contextmanager
+def using_prepared(table: dict[int, Any]):
+    """Within this block, each layer whose ``id`` is in ``table`` runs its
+    ``forward_prepared`` / ``inverse_prepared`` with those arrays (used by `invnet.compile`)."""
+    token = _PREPARED.set(table)
+    try:
+        yield
+    finally:
+        _PREPARED.reset(token)
+
+
+def prepared_active() -> bool:
+    """True while a compiled call traces (see `using_prepared`)."""
+    return _PREPARED.get() is not None
+
+
+def _fmt(shape) -> str:
+    """An event shape for messages; ``*`` marks an axis of any size."""
+    inner = ", ".join("*" if s is None else str(s) for s in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
+
+
+def unify_shapes(a: Shape, b: Shape) -> Shape | None:
+    """The common refinement of two event patterns, or None when they cannot match."""
+    if len(a) != len(b):
+        return None
+    out = []
+    for u, v in zip(a, b, strict=True):
+        if u is not None and v is not None and u != v:
+            return None
+        out.append(u if u is not None else v)
+    return tuple(out)
+
 
 class Bijector(nnx.Module):
-    """Base class of every invnet layer: a bijection on the last axis.
+    """Base class of every invnet layer: a bijection of the last ``event_ndim`` axes.
 
-    Subclasses set ``dim`` (``None`` for elementwise layers that accept any size) and
-    ``cond_dim`` (0 when unconditional), and implement ``_forward(x, cond)`` and
-    ``_inverse(y, cond)`` on validated inputs, each returning ``(out, log_det)`` with
-    ``log_det`` of shape ``x.shape[:-1]``. They also implement ``get_config()``, the
-    JSON-able constructor arguments that `invnet.load` rebuilds the layer from.
+    Subclasses implement ``_forward(x, cond)`` and ``_inverse(y, cond)`` on validated inputs,
+    each returning ``(out, log_det)`` with ``log_det`` of the batch shape, and
+    ``get_config()``, the JSON-able constructor arguments that `invnet.load` rebuilds the
+    layer from. Vector layers set ``dim`` (``None`` for elementwise layers that take any
+    size); layers on other events set ``event_ndim`` and override `event_pattern` and, if
+    they change the shape, `output_shape` / `input_shape`. ``cond_dim`` is 0 when
+    unconditional.
     """
 
     dim: int | None = None
     cond_dim: int = 0
+    event_ndim: int = 1
     precision: str = "highest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -82,17 +152,23 @@ class Bijector(nnx.Module):
 
     # ----------------------------------------------------------------- public contract
     def forward(self, x: jax.Array, *, cond: jax.Array | None = None):
-        """Apply the map: returns ``(y, log|det dy/dx|)``, log-det of shape ``x.shape[:-1]``."""
+        """Apply the map: returns ``(y, log|det dy/dx|)``, log-det of the batch shape."""
         x = self._check_input(x, "x")
         cond = self._check_cond(cond, x)
         with self._precision_scope(x.dtype):
+            prepared = _lookup_prepared(self)
+            if prepared is not None:
+                return self.forward_prepared(prepared, x, cond)
             return self._forward(x, cond)
 
     def inverse(self, y: jax.Array, *, cond: jax.Array | None = None):
         """Exact inverse: returns ``(x, log|det dx/dy|)``, equal to minus the forward log-det."""
-        y = self._check_input(y, "y")
-        cond = self._check_cond(cond, y)
+        y = self._check_input(y, "y", inverse=True)
+        cond = self._check_cond(cond, y, inverse=True)
         with self._precision_scope(y.dtype):
+            prepared = _lookup_prepared(self)
+            if prepared is not None:
+                return self.inverse_prepared(prepared, y, cond)
             return self._inverse(y, cond)
 
     def __call__(self, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
@@ -117,30 +193,122 @@ class Bijector(nnx.Module):
     def _inverse(self, y, cond):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # ----------------------------------------------------------------------- events
+    def event_pattern(self) -> Shape:
+        """The input event shape this layer accepts; ``None`` entries take any size."""
+        if self.event_ndim == 1:
+            return (self.dim,)
+        return (None,) * self.event_ndim
+
+    def output_shape(self, shape: Shape) -> Shape:
+        """The output event shape for input event ``shape`` (``ValueError`` if it cannot
+        take it). Shape-preserving layers return it unchanged."""
+        return tuple(shape)
+
+    def input_shape(self, shape: Shape) -> Shape:
+        """The input event shape that produces output event ``shape`` (the inverse map)."""
+        return tuple(shape)
+
+    def output_pattern(self) -> Shape:
+        """The output event shape this layer produces (``None`` entries: any size)."""
+        return self.output_shape(self.event_pattern())
+
+    def flexible_rank(self) -> bool:
+        """True for layers that take the event rank of their neighbours (elementwise ones
+        built without an explicit ``event_ndim``)."""
+        return False
+
+    def _adopt_event_ndim(self, ndim: int) -> bool:
+        """Take event rank ``ndim`` if this layer can (elementwise layers can); True if the
+        layer now works on events of that rank."""
+        return ndim == self.event_ndim
+
+    def batch_shape(self, a: jax.Array, *, inverse: bool = False) -> tuple[int, ...]:
+        """The batch axes of an input (``inverse=False``) or output array."""
+        k = len(self.output_pattern() if inverse else self.event_pattern())
+        return tuple(a.shape[: a.ndim - k])
+
+    # -------------------------------------------------------------- knowledge hooks
+    def error_bound(self) -> tuple[float, str]:
+        """``(bound, rule)``: how much this layer can amplify relative rounding errors in a
+        round trip (a condition number). `invnet.verify` derives its tolerances from it."""
+        return 1.0, "unknown, assumed 1"
+
+    def prepare(self, **options: Any) -> Any:
+        """Arrays `invnet.compile` precomputes from the current parameters for fast
+        inference (e.g. an explicit inverse matrix), or ``None`` to run as written.
+        ``options`` are `invnet.compile`'s (e.g. ``lu_inverse``); ignore unknown ones."""
+        del options
+        return None
+
+    def forward_prepared(self, prepared: Any, x, cond):
+        """The forward map using ``prepare()``'s arrays (on validated inputs)."""
+        del prepared
+        return self._forward(x, cond)
+
+    def inverse_prepared(self, prepared: Any, y, cond):
+        """The inverse map using ``prepare()``'s arrays (on validated inputs)."""
+        del prepared
+        return self._inverse(y, cond)
+
+    def not_ready(self) -> str | None:
+        """Why this layer cannot run as a fixed function yet (e.g. an ActNorm that has not
+        seen data), or ``None`` when it can."""
+        return None
+
+    def reset_data_init(self) -> None:
+        """Forget any data-dependent initialisation, so the next forward redoes it."""
+
+    def mark_ready(self) -> None:
+        """Take the current parameters as initialised (skip a pending data-dependent init)."""
+
     # ---------------------------------------------------------------------- helpers
-    def _check_input(self, x, name: str) -> jax.Array:
+    def _check_input(self, x, name: str, *, inverse: bool = False) -> jax.Array:
+        label = type(self).__name__
         if not hasattr(x, "dtype"):
             x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(
-                f"{type(self).__name__}: {name} must be a floating array (float32 or float64), "
+                f"{label}: {name} must be a floating array (float32 or float64), "
                 f"got dtype {x.dtype}; convert with x.astype(jnp.float32)"
             )
-        if x.ndim == 0:
-            raise ValueError(
-                f"{type(self).__name__}: {name} must have a feature axis, got a scalar"
+        if jnp.dtype(x.dtype).itemsize < 4:
+            raise TypeError(
+                f"{label}: {name} has dtype {x.dtype}; invnet layers compute in float32 or "
+                f"float64 (a {x.dtype} round trip loses 1e-3 to 1e-2 relative, too much for "
+                "an exact inverse). Convert with x.astype(jnp.float32)"
             )
-        if self.dim is not None and x.shape[-1] != self.dim:
+        pattern = self.output_pattern() if inverse else self.event_pattern()
+        k = len(pattern)
+        if x.ndim < k:
+            what = "a feature axis" if k == 1 else f"{k} event axes {_fmt(pattern)}"
+            got = "a scalar" if x.ndim == 0 else f"shape {tuple(x.shape)}"
+            raise ValueError(f"{label}: {name} must have {what}, got {got}")
+        event = tuple(x.shape[x.ndim - k :])
+        if unify_shapes(pattern, event) is None:
+            if k == 1:
+                raise ValueError(
+                    f"{label}: expected last axis of size {pattern[0]}, "
+                    f"got {name} of shape {tuple(x.shape)}"
+                )
             raise ValueError(
-                f"{type(self).__name__}: expected last axis of size {self.dim}, "
+                f"{label}: expected event shape {_fmt(pattern)} (the last {k} axes), "
                 f"got {name} of shape {tuple(x.shape)}"
             )
+        # a layer that cannot take this event (e.g. odd sizes for a squeeze) says so here
+        self.input_shape(event) if inverse else self.output_shape(event)
         return jnp.asarray(x)
 
-    def _check_cond(self, cond, x) -> jax.Array | None:
-        if self.cond_dim == 0:
-            return None
+    def _check_cond(self, cond, x, *, inverse: bool = False) -> jax.Array | None:
         name = type(self).__name__
+        if self.cond_dim == 0:
+            if cond is not None:
+                raise ValueError(
+                    f"{name} has no conditional layer (cond_dim=0) but cond was passed; build "
+                    "its coupling/autoregressive layers with cond_dim=... to make a conditional "
+                    "model, or drop cond"
+                )
+            return None
         if cond is None:
             raise ValueError(
                 f"{name} is conditional (cond_dim={self.cond_dim}): pass cond=array of shape "
@@ -154,7 +322,7 @@ class Bijector(nnx.Module):
                 f"{name}: expected cond with last axis of size {self.cond_dim}, "
                 f"got shape {tuple(cond.shape)}"
             )
-        batch = x.shape[:-1]
+        batch = self.batch_shape(x, inverse=inverse)
         if cond.shape[:-1] == ():
             cond = jnp.broadcast_to(cond, (*batch, self.cond_dim))
         elif cond.shape[:-1] != batch:
@@ -171,12 +339,24 @@ class Bijector(nnx.Module):
             return contextlib.nullcontext()
         return jax.default_matmul_precision(PRECISIONS[self.precision])
 
-    def _zero_log_det(self, x: jax.Array) -> jax.Array:
-        return jnp.zeros(x.shape[:-1], dtype=x.dtype)
+    def _zero_log_det(self, x: jax.Array, *, inverse: bool = False) -> jax.Array:
+        return jnp.zeros(self.batch_shape(x, inverse=inverse), dtype=x.dtype)
+
+    def _sum_event(self, a: jax.Array) -> jax.Array:
+        """Sum a per-element array over the event axes (elementwise log-dets)."""
+        return jnp.sum(a, axis=tuple(range(a.ndim - self.event_ndim, a.ndim)))
+
+    # -------------------------------------------------------------------- structure
+    def chain(self) -> list[tuple[str, Bijector, bool]] | None:
+        """For containers that apply their children one after another: ``(name, child,
+        inverted)`` in the order ``forward`` applies them; ``None`` for a leaf layer (or a
+        container that is not a chain: it then overrides `children`)."""
+        return None
 
     def children(self) -> list[Bijector]:
         """Sub-bijectors (for containers); leaves return an empty list."""
-        return []
+        parts = self.chain()
+        return [] if parts is None else [child for _, child, _ in parts]
 
     def to_spec(self) -> dict[str, Any]:
         """The architecture as plain JSON-able data: ``{"type": ..., "config": ...}``."""
@@ -189,6 +369,119 @@ class Bijector(nnx.Module):
         if kids:
             spec["children"] = [k.to_spec() for k in kids]
         return spec
+
+
+class Elementwise(Bijector):
+    """Base of elementwise bijections ``y_i = f(x_i)``: any event size, and an event rank
+    (the axes the log-det sums over) that is either given (``event_ndim=k``) or, when left
+    at ``None``, taken from the neighbouring layers in a `Sequential` (1 on its own)."""
+
+    def _init_event(self, event_ndim: int | None) -> None:
+        if event_ndim is not None and (not isinstance(event_ndim, int) or event_ndim < 1):
+            raise ValueError(
+                f"{type(self).__name__}: event_ndim must be a positive integer or None, "
+                f"got {event_ndim!r}"
+            )
+        self._auto_rank = event_ndim is None
+        self.event_ndim = 1 if event_ndim is None else int(event_ndim)
+
+    def flexible_rank(self) -> bool:
+        return self._auto_rank
+
+    def _adopt_event_ndim(self, ndim: int) -> bool:
+        if ndim != self.event_ndim and self._auto_rank:
+            self.event_ndim = ndim
+        return ndim == self.event_ndim
+
+    def _event_config(self) -> dict[str, Any]:
+        return {"event_ndim": None if self._auto_rank else self.event_ndim}
+
+
+class Delegate(Bijector):
+    """Base of wrappers that run one inner bijector as it is (`invnet.Flow`,
+    `invnet.Reversible`): events, hooks and the chain come from the inner one."""
+
+    def inner(self) -> Bijector:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _copy_shape(self) -> None:
+        inner = self.inner()
+        self.cond_dim = inner.cond_dim
+        self.event_ndim = len(inner.event_pattern())
+        self.dim = inner.dim
+
+    def event_pattern(self) -> Shape:
+        return self.inner().event_pattern()
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return self.inner().output_shape(shape)
+
+    def input_shape(self, shape: Shape) -> Shape:
+        return self.inner().input_shape(shape)
+
+    def flexible_rank(self) -> bool:
+        return self.inner().flexible_rank()
+
+    def _adopt_event_ndim(self, ndim: int) -> bool:
+        ok = self.inner()._adopt_event_ndim(ndim)
+        self._copy_shape()
+        return ok
+
+    def error_bound(self) -> tuple[float, str]:
+        return self.inner().error_bound()
+
+
+def _lookup_prepared(layer: Bijector) -> Any:
+    table = _PREPARED.get()
+    return None if table is None else table.get(id(layer))
+
+
+# --------------------------------------------------------------------- the one walk
+@dataclass(frozen=True)
+class Step:
+    """One leaf layer of a model, as ``forward`` meets it: ``inverted`` when the model runs
+    the layer's ``inverse`` there (inside an `Inverse`). ``name`` is its path, e.g.
+    ``model[2].bijector``."""
+
+    name: str
+    layer: Bijector
+    inverted: bool
+
+    def forward(self, h, cond=None):
+        """This step as the model's ``forward`` applies it."""
+        cond = cond if self.layer.cond_dim else None
+        if self.inverted:
+            return self.layer.inverse(h, cond=cond)
+        return self.layer.forward(h, cond=cond)
+
+    def inverse(self, h, cond=None):
+        """This step as the model's ``inverse`` applies it."""
+        cond = cond if self.layer.cond_dim else None
+        if self.inverted:
+            return self.layer.forward(h, cond=cond)
+        return self.layer.inverse(h, cond=cond)
+
+
+def steps(model: Bijector, name: str = "model", inverted: bool = False) -> list[Step]:
+    """The leaf layers of ``model`` in the order its ``forward`` applies them.
+
+    Chains (`Sequential`, `Inverse`, `invnet.Flow`, `invnet.Reversible`, ...) are opened
+    through their `Bijector.chain`; ``Inverse`` flips the direction and the order. A layer
+    that is not a chain is one step."""
+    parts = model.chain()
+    if parts is None:
+        return [Step(name, model, inverted)]
+    out: list[Step] = []
+    for suffix, child, flip in reversed(parts) if inverted else parts:
+        out += steps(child, name + suffix, inverted != flip)
+    return out
+
+
+def nodes(model: Bijector) -> Iterator[Bijector]:
+    """Every bijector in ``model`` (itself first, then its children, depth first)."""
+    yield model
+    for child in model.children():
+        yield from nodes(child)
 
 
 def check_precision(precision: str) -> str:
@@ -206,9 +499,8 @@ def set_precision(model: Bijector, precision: str) -> Bijector:
     inputs always run at full precision.
     """
     check_precision(precision)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, Bijector):
-            node.precision = precision
+    for node in nodes(model):
+        node.precision = precision
     return model
 
 
@@ -226,122 +518,9 @@ def from_spec(spec: dict[str, Any], *, rngs: nnx.Rngs | None = None) -> Bijector
     return layer
 
 
-class Sequential(Bijector):
-    """Compose bijectors: ``forward`` applies them in list order, ``inverse`` in reverse.
-
-    Map: ``y = f_n(... f_2(f_1(x)))``. Log-det: the sum of the layers' log-dets. Inverse:
-    ``x = f_1^{-1}(... f_n^{-1}(y))``, each layer's exact inverse. ``cond`` is passed to
-    every layer (unconditional layers ignore it).
-
-    ``len(model)``, iteration and indexing work like a list; a slice is again a
-    ``Sequential`` sharing the same layers, so ``model[:k].inverse(h)`` maps a hidden state
-    after layer ``k`` back to the input exactly.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, invnet
-        >>> from flax import nnx
-        >>> model = invnet.Sequential(invnet.LULinear(3, rngs=nnx.Rngs(0)), invnet.LeakyReLU(0.5))
-        >>> x = jnp.ones((2, 3))
-        >>> y, log_det = model.forward(x)
-        >>> x_back, inv_log_det = model.inverse(y)
-        >>> bool(jnp.allclose(x_back, x, atol=1e-5)), log_det.shape
-        (True, (2,))
-    """
-
-    def __init__(self, *layers: Bijector):
-        if len(layers) == 1 and isinstance(layers[0], list | tuple):
-            layers = tuple(layers[0])
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Bijector):
-                raise TypeError(
-                    f"Sequential: layer {i} is {type(layer).__name__}, not an invnet Bijector; "
-                    "only bijective layers can be composed into an invertible model"
-                )
-        dims = {layer.dim for layer in layers if layer.dim is not None}
-        if len(dims) > 1:
-            raise ValueError(f"Sequential: layers have different sizes {sorted(dims)}")
-        self.dim = dims.pop() if dims else None
-        self.cond_dim = max((layer.cond_dim for layer in layers), default=0)
-        for layer in layers:
-            if layer.cond_dim not in (0, self.cond_dim):
-                raise ValueError("Sequential: conditional layers disagree on cond_dim")
-        self.layers = nnx.List(list(layers))
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __iter__(self) -> Iterator[Bijector]:
-        return iter(self.layers)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return Sequential(*list(self.layers)[index])
-        return self.layers[index]
-
-    def children(self) -> list[Bijector]:
-        return list(self.layers)
-
-    def get_config(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_config(cls, config, children, *, rngs):
-        return cls(*children)
-
-    def forward(self, x, *, cond=None, return_intermediates: bool = False):
-        """Apply every layer in order. With ``return_intermediates=True`` also returns the
-        list of each layer's output (``hs[k]`` is the state after layer ``k``)."""
-        x = self._check_input(x, "x")
-        cond = self._check_cond(cond, x) if self.cond_dim else cond
-        log_det = self._zero_log_det(x)
-        hs = []
-        for layer in self.layers:
-            x, ld = layer.forward(x, cond=cond)
-            log_det = log_det + ld
-            hs.append(x)
-        if return_intermediates:
-            return x, log_det, hs
-        return x, log_det
-
-    def inverse(self, y, *, cond=None):
-        y = self._check_input(y, "y")
-        cond = self._check_cond(cond, y) if self.cond_dim else cond
-        log_det = self._zero_log_det(y)
-        for layer in reversed(list(self.layers)):
-            y, ld = layer.inverse(y, cond=cond)
-            log_det = log_det + ld
-        return y, log_det
+def event_size(shape: Shape) -> int | None:
+    """The number of elements of an event shape, or None if a size is open."""
+    return None if any(s is None for s in shape) else math.prod(shape)
 
 
-class Inverse(Bijector):
-    """The inverse of a bijector: ``Inverse(b).forward`` is ``b.inverse`` and vice versa.
-
-    Example:
-        >>> import jax.numpy as jnp, invnet
-        >>> inv = invnet.Inverse(invnet.LeakyReLU(0.5))
-        >>> inv.forward(jnp.array([-1.0, 2.0]))[0]
-        Array([-2.,  2.], dtype=float32)
-    """
-
-    def __init__(self, bijector: Bijector):
-        if not isinstance(bijector, Bijector):
-            raise TypeError(f"Inverse: expected an invnet Bijector, got {type(bijector).__name__}")
-        self.bijector = bijector
-        self.dim = bijector.dim
-        self.cond_dim = bijector.cond_dim
-
-    def children(self) -> list[Bijector]:
-        return [self.bijector]
-
-    def get_config(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_config(cls, config, children, *, rngs):
-        return cls(children[0])
-
-    def forward(self, x, *, cond=None):
-        return self.bijector.inverse(x, cond=cond)
-
-    def inverse(self, y, *, cond=None):
-        return self.bijector.forward(y, cond=cond)
+from invnet.containers import Inverse, Sequential  # noqa: E402  (they build on the above)

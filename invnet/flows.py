@@ -17,8 +17,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from invnet.core import Bijector
+from invnet.core import Bijector, Delegate, unify_shapes
 
 __all__ = ["Flow", "StandardNormal"]
 
@@ -51,7 +52,7 @@ class StandardNormal:
 _BASES = {"standard_normal": StandardNormal}
 
 
-class Flow(Bijector):
+class Flow(Delegate):
     r"""A density model ``p(x | c)``: a bijector ``f`` (data -> latent) and a base ``p_Z``.
 
     * ``forward(x)`` / ``inverse(z)`` are the bijector's, so a `Flow` is itself a
@@ -65,8 +66,10 @@ class Flow(Bijector):
     * Conditional flows: when the bijector has ``cond_dim > 0``, ``cond`` is required: one
       row per sample, or one ``(cond_dim,)`` vector for the whole batch.
 
-    ``dim`` is taken from the bijector; give it explicitly only for bijectors that work on
-    any size (a lone `invnet.LeakyReLU`).
+    The data shape is taken from the bijector; give it explicitly (``dim=`` for vectors,
+    ``event_shape=(H, W, C)`` for images) only when the bijector takes any size (a lone
+    `invnet.LeakyReLU`, convolutional layers). The latent ``z`` has the bijector's output
+    shape; the base density is taken over its flattened elements.
 
     Reference: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and
     Inference", JMLR 2021.
@@ -81,20 +84,30 @@ class Flow(Bijector):
         ((5, 2), (5,))
     """
 
-    def __init__(self, bijector: Bijector, base: Any = None, *, dim: int | None = None):
+    def __init__(
+        self,
+        bijector: Bijector,
+        base: Any = None,
+        *,
+        dim: int | None = None,
+        event_shape: tuple[int, ...] | None = None,
+    ):
         if not isinstance(bijector, Bijector):
             raise TypeError(f"Flow: expected an invnet Bijector, got {type(bijector).__name__}")
         if base is None or base == "standard_normal":
             base = StandardNormal()
         if not (hasattr(base, "log_prob") and hasattr(base, "sample")):
             raise TypeError("Flow: base must have log_prob(z) and sample(key, shape, dtype)")
-        if dim is not None and bijector.dim is not None and dim != bijector.dim:
-            raise ValueError(f"Flow: dim={dim} disagrees with the bijector's dim={bijector.dim}")
         self.bijector = bijector
         self.base = base
-        self.dim = bijector.dim if bijector.dim is not None else dim
-        self.cond_dim = bijector.cond_dim
+        self._copy_shape()
         self.precision = bijector.precision
+        self.event_shape = _data_shape(bijector, dim, event_shape)
+        if self.event_shape is not None and len(self.event_shape) == 1:
+            self.dim = self.event_shape[0]
+
+    def inner(self) -> Bijector:
+        return self.bijector
 
     # ------------------------------------------------------------------ Bijector API
     def forward(self, x, *, cond=None):
@@ -103,8 +116,8 @@ class Flow(Bijector):
     def inverse(self, y, *, cond=None):
         return self.bijector.inverse(y, cond=cond)
 
-    def children(self) -> list[Bijector]:
-        return [self.bijector]
+    def chain(self) -> list[tuple[str, Bijector, bool]]:
+        return [(".bijector", self.bijector, False)]
 
     def get_config(self) -> dict[str, Any]:
         name = getattr(self.base, "name", None)
@@ -113,21 +126,48 @@ class Flow(Bijector):
                 f"Flow with base {self.base!r} cannot be saved by architecture (only "
                 f"{sorted(_BASES)} are built in); save flow.bijector and rebuild the Flow"
             )
-        return {"base": name, "dim": self.dim}
+        shape = None if self.event_shape is None else list(self.event_shape)
+        return {"base": name, "dim": self.dim, "event_shape": shape}
 
     @classmethod
     def from_config(cls, config, children, *, rngs):
-        return cls(children[0], base=config.get("base"), dim=config.get("dim"))
+        shape = config.get("event_shape")
+        return cls(
+            children[0],
+            base=config.get("base"),
+            dim=config.get("dim") if shape is None else None,
+            event_shape=None if shape is None else tuple(shape),
+        )
 
     # -------------------------------------------------------------------- densities
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one latent ``z = f(x)`` (the bijector's output event)."""
+        if self.event_shape is None:
+            raise ValueError(
+                "Flow: the flow's bijector takes events of any size, so the flow cannot draw "
+                "samples; build it with event_shape=(...) (or dim= for vectors)"
+            )
+        return tuple(self.bijector.output_shape(self.event_shape))
+
+    def _base_log_prob(self, z):
+        k = len(self.bijector.output_pattern())
+        return self.base.log_prob(z.reshape(*z.shape[: z.ndim - k], -1))
+
+    def _draw(self, key, n, temperature, dtype):
+        key = _as_key(key)
+        n = _count(n)
+        latent = self.latent_shape()
+        z = self.base.sample(key, (n, math.prod(latent)), dtype)
+        return (temperature * z).reshape(n, *latent)
+
     def log_prob(self, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
-        """``log p(x | cond)`` in nats, shape ``x.shape[:-1]``."""
+        """``log p(x | cond)`` in nats, one value per sample (the batch shape)."""
         z, log_det = self.forward(x, cond=cond)
-        return self.base.log_prob(z) + log_det
+        return self._base_log_prob(z) + log_det
 
     def sample(
         self,
-        key: jax.Array,
+        key: jax.Array | int,
         n: int,
         *,
         cond: jax.Array | None = None,
@@ -136,20 +176,58 @@ class Flow(Bijector):
     ) -> jax.Array:
         """``n`` samples ``x = f^{-1}(z)``, ``z ~ base`` (scaled by ``temperature``).
 
-        ``cond``: ``(cond_dim,)`` for one condition shared by all ``n`` samples, or
-        ``(n, cond_dim)``, one per sample.
+        ``key``: a JAX key (typed or raw) or an int seed. ``cond``: ``(cond_dim,)`` for one
+        condition shared by all ``n`` samples, or ``(n, cond_dim)``, one per sample.
         """
-        if self.dim is None:
-            raise ValueError("Flow.sample: the flow has no fixed size; build it with dim=")
-        if isinstance(key, int):
-            key = jax.random.key(key)
-        z = temperature * self.base.sample(key, (int(n), self.dim), dtype)
+        z = self._draw(key, n, temperature, dtype)
         return self.inverse(z, cond=cond)[0]
 
-    def sample_and_log_prob(self, key, n, *, cond=None, dtype=jnp.float32):
-        """Samples and their ``log p`` from one inverse pass: ``log p_Z(z) - log|det df^-1/dz|``."""
-        if self.dim is None:
-            raise ValueError("Flow.sample: the flow has no fixed size; build it with dim=")
-        z = self.base.sample(key, (int(n), self.dim), dtype)
+    def sample_and_log_prob(
+        self,
+        key: jax.Array | int,
+        n: int,
+        *,
+        cond: jax.Array | None = None,
+        temperature: float = 1.0,
+        dtype=jnp.float32,
+    ):
+        """Samples (as `sample`, same arguments) and their ``log p(x | cond)`` under the
+        flow, from one inverse pass: ``log p_Z(z) - log|det df^-1/dz|``."""
+        z = self._draw(key, n, temperature, dtype)
         x, inv_log_det = self.inverse(z, cond=cond)
-        return x, self.base.log_prob(z) - inv_log_det
+        return x, self._base_log_prob(z) - inv_log_det
+
+
+def _as_key(key) -> jax.Array:
+    if isinstance(key, int | np.integer):
+        return jax.random.key(int(key))
+    if not isinstance(key, jax.Array) or not (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    ):
+        raise TypeError(
+            f"Flow: key must be a jax.random.key(...), a raw PRNGKey or an int seed, got {key!r}"
+        )
+    return key
+
+
+def _count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"Flow: the number of samples must be an integer >= 0, got {n!r}")
+    return int(n)
+
+
+def _data_shape(bijector: Bijector, dim, event_shape) -> tuple[int, ...] | None:
+    """The concrete data event shape of a flow, or None when the bijector leaves it open."""
+    pattern = bijector.event_pattern()
+    given = tuple(event_shape) if event_shape is not None else (dim,) if dim is not None else None
+    if given is None:
+        return None if any(s is None for s in pattern) else tuple(pattern)
+    if any(not isinstance(s, int | np.integer) or s < 1 for s in given):
+        raise ValueError(f"Flow: event_shape must be positive integers, got {given}")
+    if unify_shapes(pattern, given) is None:
+        raise ValueError(
+            f"Flow: the data shape {given} disagrees with the bijector's event shape {pattern}"
+        )
+    bijector.output_shape(given)  # refuses shapes the bijector cannot take
+    return tuple(int(s) for s in given)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from invnet.flows import Flow, StandardNormal
+from invnet.flows import StandardNormal
 
 __all__ = ["MaximumLikelihood", "Regression", "InverseProblem", "mmd", "sample_posterior"]
 
 
 def _log_prob(model, x, cond):
-    if isinstance(model, Flow):
+    if hasattr(model, "log_prob"):  # a Flow with its own base distribution
         return model.log_prob(x, cond=cond)
     z, log_det = model.forward(x, cond=cond)
     return StandardNormal().log_prob(z) + log_det

@@ -56,8 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from invnet.core import Bijector, Sequential
-from invnet.layers.norm import ActNorm
+from invnet.core import Bijector, Delegate, Sequential, nodes, prepared_active
 
 __all__ = ["Reversible", "reversible"]
 
@@ -83,6 +82,7 @@ def _apply(graphdef, state, x, cond, inverse: bool):
     # variables during a call (ActNorm's in-trace init guard) may then do so harmlessly
     leaves, treedef = jax.tree.flatten(state)
     block = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    cond = cond if block.cond_dim else None
     return block.inverse(x, cond=cond) if inverse else block.forward(x, cond=cond)
 
 
@@ -177,16 +177,18 @@ def _chain_bwd(spec, residuals, cotangents):
 _chain.defvjp(_chain_fwd, _chain_bwd)
 
 
-class Reversible(Bijector):
+class Reversible(Delegate):
     """A model whose gradients are computed by reversible backprop (see module docstring).
 
     ``forward`` and ``inverse`` return the wrapped model's outputs and log-dets; their
     gradients with respect to parameters, inputs and ``cond`` are computed by recomputing
-    each block's input with its inverse instead of storing it. The blocks are the layers of
-    a `Sequential` (or the model itself); put each group of layers that should be recomputed
-    together in a nested `Sequential`. ``scan=True`` runs blocks that share one structure
-    as a ``lax.scan`` (flat compile time, +2x parameter bytes of temp memory); ``"auto"``
-    does so when they do; ``False`` (default) unrolls them (flat activation memory).
+    each block's input with its inverse instead of storing it. The blocks are the steps of
+    the model's top-level chain (the layers of a `Sequential`, or the model itself); put
+    each group of layers that should be recomputed together in a nested `Sequential`.
+    ``scan=True`` runs blocks that share one structure as a ``lax.scan`` (flat compile time,
+    +2x parameter bytes of temp memory); ``"auto"`` does so when they do; ``False``
+    (default) unrolls them (flat activation memory). A single block needs no scan and runs
+    as it is.
     """
 
     def __init__(self, model: Bijector, *, scan: str | bool = False):
@@ -196,11 +198,13 @@ class Reversible(Bijector):
             raise ValueError(f"Reversible: scan must be 'auto', True or False, got {scan!r}")
         self.model = model
         self.scan = scan
-        self.dim = model.dim
-        self.cond_dim = model.cond_dim
+        self._copy_shape()
 
-    def children(self) -> list[Bijector]:
-        return [self.model]
+    def inner(self) -> Bijector:
+        return self.model
+
+    def chain(self) -> list[tuple[str, Bijector, bool]]:
+        return [(".model", self.model, False)]
 
     def get_config(self) -> dict[str, Any]:
         return {"scan": self.scan}
@@ -210,26 +214,29 @@ class Reversible(Bijector):
         return cls(children[0], **config)
 
     def _blocks(self) -> list[Bijector]:
-        if isinstance(self.model, Sequential):
-            return list(self.model.layers)
+        parts = self.model.chain()
+        if isinstance(self.model, Sequential) and parts:
+            return [child for _, child, _ in parts]
         return [self.model]
 
     def _call(self, x, cond, inverse: bool):
-        x = self._check_input(x, "y" if inverse else "x")
-        cond = self._check_cond(cond, x) if self.cond_dim else None
-        for _, node in nnx.iter_graph(self.model):
-            flag = node.initialized[...] if isinstance(node, ActNorm) else True
-            if not isinstance(flag, jax.core.Tracer) and not bool(flag):
-                raise ValueError(
-                    "Reversible: an ActNorm has not been initialised; its first forward would "
-                    "change its parameters. Run invnet.data_init(model, x) first"
-                )
+        x = self._check_input(x, "y" if inverse else "x", inverse=inverse)
+        cond = self._check_cond(cond, x, inverse=inverse)
+        if prepared_active():  # inside invnet.compile: inference only, run the model as it is
+            return self.model.inverse(x, cond=cond) if inverse else self.model.forward(x, cond=cond)
+        for node in nodes(self.model):
+            problem = node.not_ready()
+            if problem is not None:
+                raise ValueError(f"Reversible: {problem}")
         blocks = self._blocks()
         graphdefs, states = zip(*(nnx.split(b) for b in blocks), strict=True)
         same = len(blocks) > 1 and all(g == graphdefs[0] for g in graphdefs)
-        scanned = bool(same) if self.scan == "auto" else bool(self.scan)
-        if scanned and not same:
-            raise ValueError("Reversible(scan=True): the blocks do not share one structure")
+        if self.scan is True and len(blocks) > 1 and not same:
+            raise ValueError(
+                "Reversible(scan=True): the blocks do not share one structure (the same layer "
+                "types, sizes and options); use scan='auto' or scan=False"
+            )
+        scanned = same and self.scan in ("auto", True)
         if scanned:
             states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
             graphdefs = (graphdefs[0],)

@@ -52,9 +52,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from invnet import resume
-from invnet.core import Bijector
+from invnet.core import Bijector, nodes
 from invnet.io import save
-from invnet.layers.norm import ActNorm, data_init
+from invnet.layers.norm import data_init
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression
 from invnet.parallel import AXIS, data_mesh, replicate
 
@@ -379,8 +379,7 @@ def fit(
         nnx.update(model, nnx.state(ckpt.model))  # parameters and buffers of the file
 
     # ActNorm's data-dependent init cannot happen inside a pure jit: do it eagerly now.
-    nodes = [m for _, m in nnx.iter_graph(model)]
-    if any(isinstance(m, ActNorm) and not bool(m.initialized[...]) for m in nodes):
+    if any(node.not_ready() for node in nodes(model)):
         head = {k: v[:eval_batch_size] for k, v in data.items()}
         data_init(model, head["x"], cond=head.get("cond"))
 

@@ -56,9 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from invnet.core import Bijector, Inverse, Sequential
-from invnet.flows import Flow
-from invnet.layers import ActNorm, AdditiveCoupling, AffineCoupling, LeakyReLU, LULinear, Permute
+from invnet.core import Bijector, steps
 
 __all__ = ["verify", "VerifyReport", "ErrorStats", "LayerCheck", "SAFETY", "layer_bound"]
 
@@ -255,61 +253,10 @@ def _json_safe(obj):
 
 
 # ---------------------------------------------------------------------- model structure
-@dataclass(frozen=True)
-class _Leaf:
-    name: str
-    layer: Bijector
-    inverted: bool
-
-    def forward(self, h, cond):
-        return (
-            self.layer.inverse(h, cond=cond) if self.inverted else self.layer.forward(h, cond=cond)
-        )
-
-    def inverse(self, h, cond):
-        return (
-            self.layer.forward(h, cond=cond) if self.inverted else self.layer.inverse(h, cond=cond)
-        )
-
-
-def _leaves(b: Bijector, name: str = "model", inverted: bool = False) -> list[_Leaf]:
-    """Leaf layers in the order the model's ``forward`` applies them."""
-    if isinstance(b, Sequential):
-        items = list(enumerate(b.layers))
-        out = []
-        for i, child in reversed(items) if inverted else items:
-            out += _leaves(child, f"{name}[{i}]", inverted)
-        return out
-    if isinstance(b, Inverse):
-        return _leaves(b.bijector, f"{name}.bijector", not inverted)
-    if isinstance(b, Flow):  # a flow runs its bijector: check that layer by layer
-        return _leaves(b.bijector, f"{name}.bijector", inverted)
-    return [_Leaf(name, b, inverted)]
-
-
 def layer_bound(layer: Bijector) -> tuple[float, str]:
     """``(bound, rule)``: how much ``layer`` can amplify relative rounding errors in a round
-    trip. ``cond_2(W)`` for `LULinear`, ``1/slope`` for `LeakyReLU`, ``exp(2*clamp)`` for
-    `AffineCoupling`, ``max/min`` scale for `ActNorm`, 1 for permutations and additive
-    couplings; other layers are assumed to have bound 1 (say so in the rule)."""
-    if isinstance(layer, Inverse):
-        return layer_bound(layer.bijector)
-    if isinstance(layer, LULinear):
-        perm, lower, upper = (np.asarray(a, np.float64) for a in layer.factors())
-        weight = (lower @ upper)[perm.astype(int)]
-        return float(np.linalg.cond(weight)), "cond(W)"
-    if isinstance(layer, LeakyReLU):
-        return 1.0 / float(layer.slope()), "1/slope"
-    if isinstance(layer, AffineCoupling):
-        return math.exp(2.0 * layer.clamp), "exp(2*clamp)"
-    if isinstance(layer, ActNorm):
-        log_scale = np.asarray(layer.log_scale[...], np.float64)
-        return float(np.exp(log_scale.max() - log_scale.min())), "max/min scale"
-    if isinstance(layer, AdditiveCoupling):
-        return 1.0, "volume preserving"
-    if isinstance(layer, Permute):
-        return 1.0, "permutation"
-    return 1.0, "unknown, assumed 1"
+    trip; each layer states its own in `Bijector.error_bound`."""
+    return layer.error_bound()
 
 
 def _x64_context():
@@ -337,7 +284,7 @@ def _make_checks(graphdef, fixed, n_leaves: int):
 
     def checks(params, x, cond, jac_idx):
         model = nnx.merge(graphdef, params, fixed)
-        leaves = _leaves(model)
+        leaves = steps(model)
         assert len(leaves) == n_leaves
         with jax.default_matmul_precision("highest"):
             y, ld_fwd = model.forward(x, cond=cond)
@@ -494,14 +441,12 @@ def _verify(model, x, cond, tol, jacobian_samples, check_float64) -> VerifyRepor
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     notes = []
-    for path, node in nnx.iter_graph(copy):
-        if isinstance(node, ActNorm) and not bool(node.initialized[...]):
-            node.initialized[...] = jnp.asarray(True)
-            notes.append(
-                f"ActNorm at {'/'.join(map(str, path)) or 'model'} was never initialised: "
-                "checked as the identity; run invnet.data_init(model, x) before training"
-            )
-    leaves = _leaves(copy)
+    for step in steps(copy):
+        problem = step.layer.not_ready()
+        if problem is not None:
+            step.layer.mark_ready()
+            notes.append(f"{step.name}: {problem}; checked with its current parameters")
+    leaves = steps(copy)
     graphdef, params, fixed = nnx.split(copy, nnx.Param, ...)
 
     dtype = jnp.dtype(x.dtype)

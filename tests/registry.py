@@ -27,6 +27,8 @@ class Case:
     cond_dim: int = 0
     # float32 round-trip bound: ~eps32 x amplification of the perturbed layer, stated per case
     tol32: float = 1e-5
+    # the input event: (DIM,) for vector layers, (H, W, C) for image layers
+    event_shape: tuple[int, ...] = (DIM,)
 
 
 def perturb(model: nnx.Module, scale: float = 0.3, seed: int = 1) -> nnx.Module:
@@ -91,6 +93,19 @@ def _flow(dt, rngs):
     )
 
 
+IMAGE = (4, 4, 2)
+
+
+def _image_stack(dt, rngs):
+    """A rank-3 event that changes shape: image -> vector."""
+    return invnet.Sequential(
+        invnet.ActNorm(IMAGE[-1], event_ndim=3, param_dtype=dt),
+        invnet.LeakyReLU(0.5),
+        invnet.Reshape(IMAGE, (32,)),
+        invnet.LULinear(32, param_dtype=dt, rngs=rngs),
+    )
+
+
 CASES: list[Case] = [
     Case("LULinear", _lu),
     Case("LULinear-identity-nobias", _lu_plain),
@@ -145,6 +160,8 @@ CASES: list[Case] = [
     Case("Sequential-nested", _nested, tol32=1e-4),
     Case("Sequential-cond", _conditional_stack, cond_dim=COND_DIM, tol32=1e-4),
     Case("Flow", _flow),
+    Case("Reshape", lambda dt, rngs: invnet.Reshape(IMAGE, (8, 4)), event_shape=IMAGE),
+    Case("Sequential-image-to-vector", _image_stack, event_shape=IMAGE, tol32=1e-4),
     Case(
         "Reversible",
         lambda dt, rngs: invnet.reversible(_conditional_stack(dt, rngs)),
@@ -156,7 +173,7 @@ CASES: list[Case] = [
 
 def build(case: Case, dtype) -> invnet.Bijector:
     model = case.build(jnp.dtype(dtype), nnx.Rngs(0))
-    for _, node in nnx.iter_graph(model):  # initialise any ActNorm before perturbing
-        if isinstance(node, invnet.ActNorm) and not bool(node.initialized[...]):
-            node.data_init(jax.random.normal(jax.random.key(3), (64, DIM), dtype))
+    if any(node.not_ready() for node in invnet.core.nodes(model)):  # init before perturbing
+        batch = jax.random.normal(jax.random.key(3), (64, *case.event_shape), dtype)
+        invnet.data_init(model, batch)
     return perturb(model, 0.3, seed=1)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from registry import CASES, DIM, build
+from registry import CASES, build
 
 import invnet
 
@@ -38,11 +38,15 @@ def _model_and_fns(case, dtype):
     return model, state, fwd, inv
 
 
-def _inputs(case, dtype, batch=(4,), seed=0):
+def _inputs(case, dtype, batch=(4,), seed=0, event=None):
     kx, kc = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (*batch, DIM), dtype)
+    x = jax.random.normal(kx, (*batch, *(event or case.event_shape)), dtype)
     cond = jax.random.normal(kc, (*batch, case.cond_dim), dtype) if case.cond_dim else None
     return x, cond
+
+
+def _out_event(case, model):
+    return tuple(model.output_shape(case.event_shape))
 
 
 def _rel(a, b):
@@ -52,13 +56,13 @@ def _rel(a, b):
 @cases
 @params
 def test_round_trip_both_ways_jitted(case, dtype):
-    _, state, fwd, inv = _model_and_fns(case, dtype)
+    model, state, fwd, inv = _model_and_fns(case, dtype)
     x, cond = _inputs(case, dtype)
     y, _ = fwd(state, x, cond)
     x_back, _ = inv(state, y, cond)
     assert _rel(x_back, x) <= rel_tol(case, dtype)
     # the other way round, starting from an arbitrary output
-    y0, _ = _inputs(case, dtype, seed=1)
+    y0, _ = _inputs(case, dtype, seed=1, event=_out_event(case, model))
     x0, _ = inv(state, y0, cond)
     y_back, _ = fwd(state, x0, cond)
     assert _rel(y_back, y0) <= rel_tol(case, dtype)
@@ -72,12 +76,16 @@ def test_log_det_matches_jacobian_both_directions(case, dtype):
     tol = 1e-10 if dtype == "float64" else 1e-3
     for i in range(x.shape[0]):
         c = None if cond is None else cond[i]
-        for method in (model.forward, model.inverse):
-            # reverse mode: it also runs through custom VJPs (Reversible)
-            jac = jax.jacrev(lambda v, m=method, c=c: m(v, cond=c)[0])(x[i])
+        y_i = model.forward(x[i], cond=c)[0]
+        for method, point in ((model.forward, x[i]), (model.inverse, y_i)):
+            # reverse mode: it also runs through custom VJPs (Reversible); events flattened
+            def flat(v, m=method, c=c, shape=point.shape):
+                return m(v.reshape(shape), cond=c)[0].reshape(-1)
+
+            jac = jax.jacrev(flat)(point.reshape(-1))
             sign, logabs = jnp.linalg.slogdet(jac.astype(jnp.float64))
             assert float(sign) != 0.0
-            _, log_det = method(x[i], cond=c)
+            _, log_det = method(point, cond=c)
             np.testing.assert_allclose(float(log_det), float(logabs), atol=tol, rtol=tol)
 
 
@@ -97,14 +105,17 @@ def test_forward_and_inverse_log_dets_sum_to_zero(case, dtype):
 def test_batch_shapes(case, batch):
     model, *_ = _model_and_fns(case, "float64")
     x, cond = _inputs(case, "float64", batch=batch, seed=2)
+    out_event = _out_event(case, model)
     y, log_det = model.forward(x, cond=cond)
-    assert y.shape == x.shape and log_det.shape == batch
+    assert y.shape == (*batch, *out_event) and log_det.shape == batch
     x_back, inv_log_det = model.inverse(y, cond=cond)
     assert x_back.shape == x.shape and inv_log_det.shape == batch
     # every sample equals the same computation done on the flattened batch
     flat_c = None if cond is None else cond.reshape(-1, case.cond_dim)
-    y_flat, ld_flat = model.forward(x.reshape(-1, DIM), cond=flat_c)
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, DIM), y_flat, rtol=1e-12, atol=1e-12)
+    y_flat, ld_flat = model.forward(x.reshape(-1, *case.event_shape), cond=flat_c)
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(-1, *out_event), y_flat, rtol=1e-12, atol=1e-12
+    )
     np.testing.assert_allclose(np.asarray(log_det).reshape(-1), ld_flat, rtol=1e-12, atol=1e-12)
 
 

@@ -5,6 +5,7 @@ from invnet.layers.coupling import MLP, AdditiveCoupling, AffineCoupling
 from invnet.layers.linear import LULinear
 from invnet.layers.norm import ActNorm, data_init
 from invnet.layers.permute import Permute
+from invnet.layers.reshape import Reshape
 
 __all__ = [
     "LULinear",
@@ -13,6 +14,7 @@ __all__ = [
     "AdditiveCoupling",
     "MLP",
     "Permute",
+    "Reshape",
     "ActNorm",
     "data_init",
 ]

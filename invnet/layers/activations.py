@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet.core import Bijector
+from invnet.core import Elementwise
 
 __all__ = ["LeakyReLU"]
 
 
-class LeakyReLU(Bijector):
+class LeakyReLU(Elementwise):
     r"""Leaky ReLU with slope ``a`` in (0, 1]: ``y = x`` for ``x >= 0``, ``y = a x`` otherwise.
 
     Unlike ReLU (slope 0), no information is lost: the negative half is scaled, not erased.
@@ -27,7 +27,9 @@ class LeakyReLU(Bijector):
     * A slope <= 0 or > 1 is refused: 0 is ReLU (not invertible), negative slopes are not
       monotone, slopes > 1 make it an expanding map better expressed by ``Inverse``.
 
-    Works on any last-axis size (``dim`` is ``None``).
+    Works on any event size (``dim`` is ``None``); the log-det sums over the last
+    ``event_ndim`` axes, which a `invnet.Sequential` sets from the neighbouring layers when it
+    is left at ``None`` (so it works between image layers too).
 
     Example:
         >>> import jax.numpy as jnp, invnet
@@ -42,6 +44,7 @@ class LeakyReLU(Bijector):
         negative_slope: float = 0.01,
         *,
         learnable: bool = False,
+        event_ndim: int | None = None,
         param_dtype: Any = jnp.float32,
     ):
         slope = float(negative_slope)
@@ -56,6 +59,7 @@ class LeakyReLU(Bijector):
             raise ValueError(
                 "LeakyReLU: a learnable slope lives in the open interval (0, 1); start below 1"
             )
+        self._init_event(event_ndim)
         self.negative_slope = slope
         self.learnable = bool(learnable)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -67,7 +71,11 @@ class LeakyReLU(Bijector):
             "negative_slope": self.negative_slope,
             "learnable": self.learnable,
             "param_dtype": self.param_dtype.name,
+            **self._event_config(),
         }
+
+    def error_bound(self) -> tuple[float, str]:
+        return 1.0 / float(self.slope()), "1/slope"
 
     def slope(self, dtype=None) -> jax.Array:
         """The current slope ``a`` (learned or fixed)."""
@@ -80,10 +88,10 @@ class LeakyReLU(Bijector):
         a = self.slope(x.dtype)
         neg = x < 0
         y = jnp.where(neg, a * x, x)
-        return y, jnp.sum(jnp.where(neg, jnp.log(a), 0.0), axis=-1).astype(x.dtype)
+        return y, self._sum_event(jnp.where(neg, jnp.log(a), 0.0)).astype(x.dtype)
 
     def _inverse(self, y, cond):
         a = self.slope(y.dtype)
         neg = y < 0
         x = jnp.where(neg, y / a, y)
-        return x, -jnp.sum(jnp.where(neg, jnp.log(a), 0.0), axis=-1).astype(y.dtype)
+        return x, -self._sum_event(jnp.where(neg, jnp.log(a), 0.0)).astype(y.dtype)

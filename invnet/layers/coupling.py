@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -221,6 +222,9 @@ class AffineCoupling(_Coupling):
     def get_config(self) -> dict[str, Any]:
         return {**self._config(), "clamp": self.clamp}
 
+    def error_bound(self) -> tuple[float, str]:
+        return math.exp(2.0 * self.clamp), "exp(2*clamp)"
+
     def _scale_shift(self, x_a, cond):
         out = self._conditioner_out(x_a, cond)
         n = len(self.change)
@@ -292,6 +296,9 @@ class AdditiveCoupling(_Coupling):
 
     def get_config(self) -> dict[str, Any]:
         return self._config()
+
+    def error_bound(self) -> tuple[float, str]:
+        return 1.0, "volume preserving"
 
     def _forward(self, x, cond):
         x_a, x_b = self._split(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 from flax import nnx
 from flax.errors import TraceContextError
 
-from invnet.core import Bijector, Buffer
+from invnet.core import Bijector, Buffer, nodes
 
 __all__ = ["ActNorm", "data_init"]
 
@@ -18,8 +19,11 @@ __all__ = ["ActNorm", "data_init"]
 class ActNorm(Bijector):
     r"""Per-feature affine map with data-dependent initialisation (GLOW's actnorm).
 
-    * Map: ``y = (x + bias) * exp(log_scale)``, elementwise on the last axis.
-    * Log-det: ``sum(log_scale)``, O(D), the same for every sample.
+    * Map: ``y = (x + bias) * exp(log_scale)``, per feature of the last axis. With
+      ``event_ndim=3`` the event is a channels-last image ``(H, W, C)`` and ``dim = C``:
+      one bias and scale per channel, shared by every pixel.
+    * Log-det: ``sum(log_scale)`` times the number of pixels (1 for vectors), O(D), the
+      same for every sample.
     * Inverse: ``x = y * exp(-log_scale) - bias``.
     * Init: ``bias = 0, log_scale = 0`` (identity) until the layer first sees data. The
       first ``forward`` call made eagerly or under ``nnx.jit`` on an uninitialised layer sets
@@ -43,10 +47,20 @@ class ActNorm(Bijector):
         [1.0, 1.0]
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any = jnp.float32):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        event_ndim: int = 1,
+        eps: float = 1e-6,
+        param_dtype: Any = jnp.float32,
+    ):
         if not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"ActNorm: dim must be a positive integer, got {dim!r}")
+        if not isinstance(event_ndim, int | np.integer) or event_ndim < 1:
+            raise ValueError(f"ActNorm: event_ndim must be a positive integer, got {event_ndim!r}")
         self.dim = int(dim)
+        self.event_ndim = int(event_ndim)
         self.eps = float(eps)
         self.param_dtype = jnp.dtype(param_dtype)
         self.bias = nnx.Param(jnp.zeros((dim,), self.param_dtype))
@@ -54,7 +68,19 @@ class ActNorm(Bijector):
         self.initialized = Buffer(jnp.asarray(False))
 
     def get_config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "eps": self.eps, "param_dtype": self.param_dtype.name}
+        return {
+            "dim": self.dim,
+            "event_ndim": self.event_ndim,
+            "eps": self.eps,
+            "param_dtype": self.param_dtype.name,
+        }
+
+    def event_pattern(self):
+        return (None,) * (self.event_ndim - 1) + (self.dim,)
+
+    def _log_det(self, log_scale, x):
+        pixels = math.prod(x.shape[x.ndim - self.event_ndim : -1])
+        return jnp.broadcast_to(pixels * jnp.sum(log_scale), self.batch_shape(x))
 
     def data_init(self, x: jax.Array) -> None:
         """Set bias and log-scale from a batch so it comes out standardised (in place)."""
@@ -83,6 +109,25 @@ class ActNorm(Bijector):
             pass
         return bias, log_scale
 
+    def error_bound(self) -> tuple[float, str]:
+        log_scale = np.asarray(self.log_scale[...], np.float64)
+        return float(np.exp(log_scale.max() - log_scale.min())), "max/min scale"
+
+    def not_ready(self) -> str | None:
+        flag = self.initialized[...]
+        if isinstance(flag, jax.core.Tracer) or bool(flag):
+            return None
+        return (
+            "an ActNorm has not seen data yet; its first forward would set its parameters. "
+            "Run invnet.data_init(model, x) (or one eager forward) first"
+        )
+
+    def reset_data_init(self) -> None:
+        self.initialized[...] = jnp.asarray(False)
+
+    def mark_ready(self) -> None:
+        self.initialized[...] = jnp.asarray(True)
+
     def _needs_init(self) -> bool:
         flag = self.initialized[...]
         if isinstance(flag, jax.core.Tracer):
@@ -96,12 +141,12 @@ class ActNorm(Bijector):
             bias, log_scale = self.bias[...], self.log_scale[...]
         log_scale = log_scale.astype(x.dtype)
         y = (x + bias.astype(x.dtype)) * jnp.exp(log_scale)
-        return y, jnp.broadcast_to(jnp.sum(log_scale), x.shape[:-1])
+        return y, self._log_det(log_scale, x)
 
     def _inverse(self, y, cond):
         log_scale = self.log_scale[...].astype(y.dtype)
         x = y * jnp.exp(-log_scale) - self.bias[...].astype(y.dtype)
-        return x, -jnp.broadcast_to(jnp.sum(log_scale), y.shape[:-1])
+        return x, -self._log_det(log_scale, y)
 
 
 def data_init(model: Bijector, x: jax.Array, *, cond: jax.Array | None = None) -> Bijector:
@@ -110,8 +155,7 @@ def data_init(model: Bijector, x: jax.Array, *, cond: jax.Array | None = None) -
     Runs ``model.forward`` eagerly once, so each ActNorm sees the activations that reach it
     and standardises them. Returns ``model``.
     """
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, ActNorm):
-            node.initialized[...] = jnp.asarray(False)
+    for node in nodes(model):
+        node.reset_data_init()
     model.forward(x, cond=cond)
     return model

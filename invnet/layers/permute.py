@@ -63,6 +63,9 @@ class Permute(Bijector):
         # the permutation itself is restored from the saved Buffer state
         return {"dim": self.dim, "mode": "reverse" if self.mode == "reverse" else "random"}
 
+    def error_bound(self) -> tuple[float, str]:
+        return 1.0, "permutation"
+
     def _forward(self, x, cond):
         return x[..., self.perm[...]], self._zero_log_det(x)
 
