@@ -23,7 +23,7 @@ from invnet.layers import (
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
 from invnet.parallel import data_mesh, replicate, shard_batch
-from invnet.reversible import Reversible, reversible
+from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verify import VerifyReport, verify
 

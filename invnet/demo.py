@@ -13,6 +13,8 @@ The whole story in under a minute on two CPU cores:
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -92,6 +94,14 @@ def run(args: argparse.Namespace) -> int:
 
     import invnet
 
+    missing = [m for m in ("matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"invnet demo needs {' and '.join(missing)} (plots and the two-moons data): "
+            "pip install 'invnet[examples]' (from a clone: pip install -e '.[examples]')",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     epochs = 5 if args.quick else args.epochs
     n_train = 512 if args.quick else 2000

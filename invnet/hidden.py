@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from invnet.core import Bijector, Sequential
-from invnet.reversible import Reversible
+from invnet.revprop import Reversible
 
 __all__ = ["saliency", "input_for_hidden"]
 
