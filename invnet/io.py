@@ -92,7 +92,7 @@ def _flat_pure(model: nnx.Module) -> dict[str, Any]:
     return flat
 
 
-def _digest(meta: dict[str, str], tensors: dict[str, tuple[str, list[int], bytes]]) -> str:
+def _digest(meta: dict[str, str], tensors: dict[str, tuple[str, list[int], Any]]) -> str:
     """sha256 over the metadata entries (but ``sha256``) and each tensor (tag, shape, bytes)."""
     h = hashlib.sha256()
     for key in sorted(k for k in meta if k != "sha256"):
@@ -112,6 +112,11 @@ def _host_array(name: str, arr) -> np.ndarray:
             f"store; supported: {', '.join(_TAGS)} (cast it, e.g. to float32)"
         )
     return a
+
+
+def _entry(a: np.ndarray) -> tuple[str, list[int], np.ndarray]:
+    """(tag, shape, bytes) as `_digest` reads them; the bytes are a view, not a copy."""
+    return _TAGS[a.dtype.name], list(a.shape), a.reshape(-1).view(np.uint8)
 
 
 def _to_json(what: str, value) -> str:
@@ -206,9 +211,7 @@ def save(
         "architecture": _to_json("the architecture (to_spec)", model.to_spec()),
         "metadata": _to_json("metadata", metadata or {}),
     }
-    meta["sha256"] = _digest(
-        meta, {k: (_TAGS[a.dtype.name], list(a.shape), a.tobytes()) for k, a in arrays.items()}
-    )
+    meta["sha256"] = _digest(meta, {k: _entry(a) for k, a in arrays.items()})
     blob = safetensors.numpy.save(arrays, metadata=meta)
     try:
         _atomic_write(path, blob)
@@ -276,7 +279,7 @@ def _refuse_version(path, fmt, writer) -> None:
         )
 
 
-def _tensors(path: Path, blob: bytes) -> dict[str, tuple[str, list[int], bytes]]:
+def _tensors(path: Path, blob: bytes) -> dict[str, tuple[str, list[int], bytearray]]:
     try:
         entries = safetensors.deserialize(blob)
     except Exception as err:  # safetensors raises its own error type
@@ -284,7 +287,7 @@ def _tensors(path: Path, blob: bytes) -> dict[str, tuple[str, list[int], bytes]]
             f"invnet.load: {path} is not an invnet model file, or it is corrupted or "
             f"truncated (safetensors: {err})"
         ) from None
-    return {name: (e["dtype"], list(e["shape"]), bytes(e["data"])) for name, e in entries}
+    return {name: (e["dtype"], list(e["shape"]), e["data"]) for name, e in entries}
 
 
 def _header_metadata(path: Path, blob: bytes) -> dict[str, str]:
@@ -298,7 +301,7 @@ def _header_metadata(path: Path, blob: bytes) -> dict[str, str]:
     return meta
 
 
-def _decode(path: Path, name: str, tag: str, shape: list[int], data: bytes) -> np.ndarray:
+def _decode(path: Path, name: str, tag: str, shape: list[int], data) -> np.ndarray:
     if tag not in _DTYPES:
         raise ValueError(f"invnet.load: {path}: array {name!r} has unsupported dtype {tag!r}")
     dtype = _DTYPES[tag]

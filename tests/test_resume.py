@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +14,8 @@ from flax import nnx
 from test_checkpoint import _repack
 
 import invnet
+import invnet.io
+import invnet.resume
 import invnet.train
 from invnet.demo import moons
 
@@ -141,3 +145,15 @@ def test_extra_arrays_round_trip_and_pass_the_same_checks(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="checksum mismatch"):
         invnet.read_extra_arrays(path)
+
+
+def test_resume_reads_files_through_public_io_only():
+    # invnet.resume builds on invnet.io's public reader, not on its private helpers
+    tree = ast.parse(Path(invnet.resume.__file__).read_text())
+    names = [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "invnet.io"
+        for alias in node.names
+    ]
+    assert names and all(name in invnet.io.__all__ for name in names), names
