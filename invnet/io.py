@@ -1,48 +1,74 @@
-"""Save and load models: architecture + parameters in one file, no pickle, atomic writes.
+"""Save and load models: architecture + parameters in one safetensors file, atomic writes.
 
-File layout (format version 2; version 1 files, which lack ``extra_arrays``, still load)::
+File layout (format version 3): a standard `safetensors <https://huggingface.co/docs/safetensors>`_
+file (an 8-byte header length, a JSON header, then the raw little-endian tensor bytes), so
+numpy, torch and the Hugging Face tools can read the arrays, and loading never runs code::
 
-    b"INVNETCK"                      8 bytes, magic
-    sha256(payload)                  32 bytes
-    payload                          msgpack map:
-        format_version  int
-        invnet_version  str
-        architecture    the model's ``to_spec()`` (layer types + constructor arguments)
-        arrays          {"path/to/variable": {"dtype": str, "shape": [...], "data": bytes}}
-        metadata        user data (JSON-able), e.g. a training step
-        extra_arrays    {"name": {"dtype", "shape", "data"}}: optional arrays beside the
-                        model (`invnet.fit` keeps its optimizer state and keys here)
+    tensors         "model/<path/to/variable>"   every variable of the model (nnx state)
+                    "extra/<name>"               optional arrays beside the model
+                                                 (`invnet.fit` keeps its optimizer state
+                                                 and keys here)
+    __metadata__    format          "invnet"
+    (all strings)   format_version  "3"
+                    invnet_version  the version that wrote the file
+                    architecture    JSON of the model's ``to_spec()`` (layer types and
+                                    constructor arguments)
+                    metadata        JSON of the user's metadata, e.g. a training step
+                    sha256          hex sha256 over every other metadata entry and every
+                                    tensor's name, dtype, shape and bytes
 
-Loading checks the magic, the checksum, the format version, the layer types (only invnet's
-registered classes are built) and every array's path, dtype and shape against the rebuilt
-model; any mismatch is a ``ValueError`` that says what is wrong. Extra arrays pass the same
-checksum and the same dtype/size checks. Nothing in the file is ever
-executed. Writes go to a temporary file in the target folder, are fsynced, then renamed
-over the target, so an interrupted save leaves the previous file intact.
+Loading checks the container, the checksum, the format version, the layer types (only
+invnet's registered classes are built) and every array's name, dtype and shape against the
+rebuilt model; any mismatch is a ``ValueError`` that says what is wrong. Stored dtypes:
+float16, bfloat16, float32, float64, int32, int64, uint32, bool (others are refused when
+saving). Files of format versions 1 and 2 (invnet's earlier msgpack container) still load.
+
+Writes go to a hidden temporary file ``.<name>.<host>-<pid>-<random>.invnet-partial`` in
+the target folder, are fsynced, then renamed over the target, so an interrupted save leaves
+the previous file intact. A process killed mid-write cannot delete its temporary file; the
+next `save` into that folder removes such leftovers of dead processes on the same host.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import jax
-import msgpack
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
+from invnet import _io_legacy as io_legacy
 from invnet.core import Bijector, from_spec
 
-__all__ = ["save", "load", "read_metadata", "read_extra_arrays", "FORMAT_VERSION"]
+__all__ = [
+    "save", "load", "read_file", "ModelFile", "read_metadata", "read_extra_arrays",
+    "FORMAT_VERSION", "PARTIAL_SUFFIX",
+]  # fmt: skip
 
-MAGIC = b"INVNETCK"
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # 1: no extra_arrays
-_ALLOWED_DTYPES = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "bool", "uint32"}
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)  # 1, 2: the msgpack container (invnet.io_legacy)
+_MODEL, _EXTRA = "model/", "extra/"
+# numpy dtype name -> safetensors tag, for the dtypes a model file may hold
+_TAGS = {
+    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+    "int32": "I32", "int64": "I64", "uint32": "U32", "bool": "BOOL",
+}  # fmt: skip
+_DTYPES = {tag: jax.numpy.dtype(name) for name, tag in _TAGS.items()}
+PARTIAL_SUFFIX = ".invnet-partial"
+_PARTIAL = re.compile(
+    r"^\.(?P<target>.+)\.(?P<host>[^/]+)-(?P<pid>\d+)-[0-9a-f]{8}\.invnet-partial$"
+)
 
 
 def _invnet_version() -> str:
@@ -66,28 +92,64 @@ def _flat_pure(model: nnx.Module) -> dict[str, Any]:
     return flat
 
 
-def _encode(arr) -> dict[str, Any]:
-    a = np.asarray(jax.device_get(arr))
-    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tobytes()}
+def _digest(meta: dict[str, str], tensors: dict[str, tuple[str, list[int], Any]]) -> str:
+    """sha256 over the metadata entries (but ``sha256``) and each tensor (tag, shape, bytes)."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in meta if k != "sha256"):
+        h.update(json.dumps([key, meta[key]]).encode() + b"\n")
+    for name in sorted(tensors):
+        tag, shape, data = tensors[name]
+        h.update(json.dumps([name, tag, list(shape), len(data)]).encode() + b"\n")
+        h.update(data)
+    return h.hexdigest()
 
 
-def _decode(key: str, entry: Any) -> np.ndarray:
-    if not isinstance(entry, dict) or {"dtype", "shape", "data"} - set(entry):
-        raise ValueError(f"invnet.load: array entry {key!r} is malformed")
-    dtype = entry["dtype"]
-    if dtype not in _ALLOWED_DTYPES:
-        raise ValueError(f"invnet.load: array {key!r} has unsupported dtype {dtype!r}")
-    np_dtype = jax.numpy.dtype(dtype)
-    shape = tuple(int(s) for s in entry["shape"])
-    data = entry["data"]
-    if not isinstance(data, bytes) or len(data) != int(np.prod(shape)) * np_dtype.itemsize:
-        raise ValueError(f"invnet.load: array {key!r} has the wrong number of bytes")
-    return np.frombuffer(data, dtype=np_dtype).reshape(shape).copy()
+def _host_array(name: str, arr) -> np.ndarray:
+    a = np.asarray(jax.device_get(arr), order="C")  # order="C" keeps 0-d arrays 0-d
+    if a.dtype.name not in _TAGS:
+        raise TypeError(
+            f"invnet.save: array {name!r} has dtype {a.dtype.name}, which invnet files do not "
+            f"store; supported: {', '.join(_TAGS)} (cast it, e.g. to float32)"
+        )
+    return a
+
+
+def _entry(a: np.ndarray) -> tuple[str, list[int], np.ndarray]:
+    """(tag, shape, bytes) as `_digest` reads them; the bytes are a view, not a copy."""
+    return _TAGS[a.dtype.name], list(a.shape), a.reshape(-1).view(np.uint8)
+
+
+def _to_json(what: str, value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"invnet.save: {what} must be JSON-able (numbers, strings, lists, dicts with "
+            f"string keys): {err}"
+        ) from None
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Delete temporary files of saves into ``folder`` whose process died (same host)."""
+    host = socket.gethostname()
+    for entry in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        m = _PARTIAL.match(entry.name)
+        if m is None or m["host"] != host or int(m["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:  # its writer is gone: nobody will rename it
+            entry.unlink(missing_ok=True)
+        except OSError:  # alive (another user's process) or unknown: leave it
+            pass
 
 
 def _atomic_write(path: Path, blob: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_partials(path.parent)
+    name = f".{path.name}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / f"{name}{PARTIAL_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode: 0o666 - umask
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
@@ -95,8 +157,7 @@ def _atomic_write(path: Path, blob: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -117,10 +178,11 @@ def save(
 ) -> Path:
     """Save ``model`` (architecture and every variable) to ``path``, atomically.
 
-    ``metadata`` is any msgpack-able dict (numbers, strings, lists, dicts) stored beside the
+    ``metadata`` is any JSON-able dict (numbers, strings, lists, dicts) stored beside the
     model; read it back with `invnet.read_metadata`. ``extra_arrays`` maps names to arrays
     (e.g. an optimizer state's leaves) stored in the same file under the same checksum; read
-    them back with `invnet.read_extra_arrays`. Returns the path written.
+    them back with `invnet.read_extra_arrays`. Returns the path written. The file is a
+    safetensors file (see the module docs).
 
     Example:
         >>> import tempfile, os, jax.numpy as jnp, invnet
@@ -133,102 +195,175 @@ def save(
     """
     if not isinstance(model, Bijector):
         raise TypeError(f"invnet.save: expected an invnet Bijector, got {type(model).__name__}")
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "invnet_version": _invnet_version(),
-        "architecture": model.to_spec(),
-        "arrays": {k: _encode(v) for k, v in _flat_pure(model).items()},
-        "metadata": metadata or {},
-        "extra_arrays": {str(k): _encode(v) for k, v in (extra_arrays or {}).items()},
-    }
-    body = msgpack.packb(payload, use_bin_type=True)
     path = Path(path)
-    _atomic_write(path, MAGIC + hashlib.sha256(body).digest() + body)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"invnet.save: {path} is a directory; pass a file path such as {path / 'model.invnet'}"
+        )
+    arrays = {_MODEL + k: _host_array(k, v) for k, v in _flat_pure(model).items()}
+    arrays.update(
+        {_EXTRA + str(k): _host_array(str(k), v) for k, v in (extra_arrays or {}).items()}
+    )
+    meta = {
+        "format": "invnet",
+        "format_version": str(FORMAT_VERSION),
+        "invnet_version": _invnet_version(),
+        "architecture": _to_json("the architecture (to_spec)", model.to_spec()),
+        "metadata": _to_json("metadata", metadata or {}),
+    }
+    meta["sha256"] = _digest(meta, {k: _entry(a) for k, a in arrays.items()})
+    blob = safetensors.numpy.save(arrays, metadata=meta)
+    try:
+        _atomic_write(path, blob)
+    except OSError as err:  # name the user's path, not the temporary file
+        raise OSError(err.errno, f"invnet.save: cannot write {path}: {err.strerror}") from err
     return path
 
 
-def _read_payload(path: str | os.PathLike) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file read and checked by `read_file`; nothing built yet.
+
+    ``arrays`` maps each model variable's path to its value, ``extra_arrays`` the arrays
+    stored beside the model (``{}`` if none), ``metadata`` the user's dict.
+    """
+
+    path: Path
+    format_version: int
+    invnet_version: str
+    architecture: dict
+    metadata: dict
+    arrays: dict[str, np.ndarray]
+    extra_arrays: dict[str, np.ndarray]
+
+    def build(self) -> Bijector:
+        """The model: built from the architecture (only invnet's own layer types), then
+        every variable checked (name, shape, dtype) and set from the file."""
+        model = from_spec(self.architecture)
+        expected = _flat_pure(model)
+        missing = sorted(set(expected) - set(self.arrays))
+        extra = sorted(set(self.arrays) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"invnet.load: {self.path} does not match its architecture "
+                f"(missing {missing[:5]}, unexpected {extra[:5]})"
+            )
+        for key, ref in expected.items():
+            arr, ref = self.arrays[key], np.asarray(ref)
+            if arr.shape != ref.shape or arr.dtype != ref.dtype:
+                raise ValueError(
+                    f"invnet.load: {key!r} has shape {arr.shape} {arr.dtype}, the architecture "
+                    f"expects {ref.shape} {ref.dtype}"
+                )
+        state = nnx.state(model)
+
+        def fill(prefix: str, node: dict) -> dict:
+            out = {}
+            for k, v in node.items():
+                key = f"{prefix}/{k}" if prefix else str(k)
+                out[k] = (
+                    fill(key, v) if isinstance(v, dict) else jax.numpy.asarray(self.arrays[key])
+                )
+            return out
+
+        nnx.replace_by_pure_dict(state, fill("", nnx.to_pure_dict(state)))
+        nnx.update(model, state)
+        return model
+
+
+def _refuse_version(path, fmt, writer) -> None:
+    if fmt not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"invnet.load: {path} has format version {fmt!r}; this invnet reads "
+            f"{list(_READABLE_VERSIONS)} (written by invnet {writer!r})"
+        )
+
+
+def _tensors(path: Path, blob: bytes) -> dict[str, tuple[str, list[int], bytearray]]:
+    try:
+        entries = safetensors.deserialize(blob)
+    except Exception as err:  # safetensors raises its own error type
+        raise ValueError(
+            f"invnet.load: {path} is not an invnet model file, or it is corrupted or "
+            f"truncated (safetensors: {err})"
+        ) from None
+    return {name: (e["dtype"], list(e["shape"]), e["data"]) for name, e in entries}
+
+
+def _header_metadata(path: Path, blob: bytes) -> dict[str, str]:
+    size = int.from_bytes(blob[:8], "little")  # already validated by safetensors
+    meta = json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
+    if meta.get("format") != "invnet":
+        raise ValueError(
+            f"invnet.load: {path} is a safetensors file but not an invnet model file "
+            "(no invnet metadata); load its arrays with safetensors itself"
+        )
+    return meta
+
+
+def _decode(path: Path, name: str, tag: str, shape: list[int], data) -> np.ndarray:
+    if tag not in _DTYPES:
+        raise ValueError(f"invnet.load: {path}: array {name!r} has unsupported dtype {tag!r}")
+    dtype = _DTYPES[tag]
+    if len(data) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"invnet.load: {path}: array {name!r} has the wrong number of bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def read_file(path: str | os.PathLike) -> ModelFile:
+    """Read a model file written by `invnet.save` (any format version) and check its
+    integrity; ``.build()`` the result for the model. Raises ``ValueError`` for a damaged,
+    tampered, foreign or newer file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"invnet.load: no such file: {path}")
     blob = path.read_bytes()
-    if len(blob) < len(MAGIC) + 32 or not blob.startswith(MAGIC):
-        raise ValueError(f"invnet.load: {path} is not an invnet model file (bad header)")
-    digest, body = blob[len(MAGIC) : len(MAGIC) + 32], blob[len(MAGIC) + 32 :]
-    if hashlib.sha256(body).digest() != digest:
+    if blob.startswith(io_legacy.MAGIC):
+        return ModelFile(path=path, **io_legacy.read(path, blob, _refuse_version))
+    tensors = _tensors(path, blob)
+    meta = _header_metadata(path, blob)
+    fmt = meta.get("format_version", "")
+    _refuse_version(path, int(fmt) if fmt.isdigit() else fmt, meta.get("invnet_version"))
+    if meta.get("sha256") != _digest(meta, tensors):
         raise ValueError(
-            f"invnet.load: {path} is corrupted or truncated (checksum mismatch); "
+            f"invnet.load: {path} is corrupted or was modified (checksum mismatch); "
             "use an earlier copy"
         )
     try:
-        payload = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except Exception as err:  # msgpack raises several types
-        raise ValueError(f"invnet.load: {path} payload cannot be decoded: {err}") from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"invnet.load: {path} payload is not a map")
-    fmt = payload.get("format_version")
-    if fmt not in _READABLE_VERSIONS:
-        raise ValueError(
-            f"invnet.load: {path} has format version {fmt!r}; this invnet reads "
-            f"{list(_READABLE_VERSIONS)} (written by invnet {payload.get('invnet_version')!r})"
-        )
-    return payload
+        architecture, user = json.loads(meta["architecture"]), json.loads(meta["metadata"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"invnet.load: {path} has a malformed header: {err}") from None
+    if (
+        fmt != str(FORMAT_VERSION)
+        or not isinstance(architecture, dict)
+        or not isinstance(user, dict)
+    ):
+        raise ValueError(f"invnet.load: {path} has a malformed header")
+    arrays, extra = {}, {}
+    for name, entry in tensors.items():
+        for prefix, into in ((_MODEL, arrays), (_EXTRA, extra)):
+            if name.startswith(prefix):
+                into[name[len(prefix) :]] = _decode(path, name, *entry)
+                break
+        else:
+            raise ValueError(f"invnet.load: {path} holds an unexpected array {name!r}")
+    return ModelFile(
+        path=path, format_version=int(fmt), invnet_version=meta.get("invnet_version", "?"),
+        architecture=architecture, metadata=user, arrays=arrays, extra_arrays=extra,
+    )  # fmt: skip
+
+
+def load(path: str | os.PathLike) -> Bijector:
+    """Rebuild a model saved by `invnet.save`, without the user's code. See module docs."""
+    return read_file(path).build()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``metadata`` dict stored by `invnet.save` (after the same integrity checks)."""
-    return _read_payload(path).get("metadata", {})
+    return read_file(path).metadata
 
 
 def read_extra_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The ``extra_arrays`` stored by `invnet.save` (after the same integrity checks);
     ``{}`` for files without any (and for format version 1 files)."""
-    return _extra_arrays(_read_payload(path), path)
-
-
-def _extra_arrays(payload: dict[str, Any], path) -> dict[str, np.ndarray]:
-    extra = payload.get("extra_arrays", {})
-    if not isinstance(extra, dict):
-        raise ValueError(f"invnet.load: {path} extra_arrays is not a map")
-    return {k: _decode(k, v) for k, v in extra.items()}
-
-
-def load(path: str | os.PathLike) -> Bijector:
-    """Rebuild a model saved by `invnet.save`, without the user's code. See module docs."""
-    return _model_from_payload(_read_payload(path), path)
-
-
-def _model_from_payload(payload: dict[str, Any], path) -> Bijector:
-    model = from_spec(payload["architecture"])
-    arrays = payload.get("arrays", {})
-    expected = _flat_pure(model)
-    missing = sorted(set(expected) - set(arrays))
-    extra = sorted(set(arrays) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"invnet.load: {path} does not match its architecture "
-            f"(missing {missing[:5]}, unexpected {extra[:5]})"
-        )
-    values = {}
-    for key, ref in expected.items():
-        arr = _decode(key, arrays[key])
-        ref = np.asarray(ref)
-        if arr.shape != ref.shape or arr.dtype != ref.dtype:
-            raise ValueError(
-                f"invnet.load: {key!r} has shape {arr.shape} {arr.dtype}, the architecture "
-                f"expects {ref.shape} {ref.dtype}"
-            )
-        values[key] = arr
-    state = nnx.state(model)
-    pure = nnx.to_pure_dict(state)
-
-    def fill(prefix: str, node: dict) -> dict:
-        out = {}
-        for k, v in node.items():
-            key = f"{prefix}/{k}" if prefix else str(k)
-            out[k] = fill(key, v) if isinstance(v, dict) else jax.numpy.asarray(values[key])
-        return out
-
-    nnx.replace_by_pure_dict(state, fill("", pure))
-    nnx.update(model, state)
-    return model
+    return read_file(path).extra_arrays

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from invnet.core import Bijector
-from invnet.io import _extra_arrays, _model_from_payload, _read_payload
+from invnet.io import read_file
 
 STATE_VERSION = 1
 _PREFIX = "fit/"
@@ -100,8 +100,8 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = path
-        payload = _read_payload(path)
-        meta = payload.get("metadata", {})
+        saved = read_file(path)  # every integrity check; nothing built yet
+        meta = saved.metadata
         state = meta.get("fit") if isinstance(meta, dict) else None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(
@@ -113,8 +113,8 @@ class Checkpoint:
             if not isinstance(state.get(name), kind):
                 raise ValueError(f"invnet.fit: {path} has a malformed training state ({name})")
         self.state = state
-        self.model = _model_from_payload(payload, path)
-        self.arrays = _extra_arrays(payload, path)
+        self.model = saved.build()
+        self.arrays = saved.extra_arrays
 
     def check_run(self, model: Bijector, *, batch_size, shuffle, data_sha256) -> None:
         if self.model.to_spec() != model.to_spec():

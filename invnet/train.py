@@ -56,7 +56,7 @@ from invnet.core import Bijector, nodes
 from invnet.io import save
 from invnet.layers.norm import data_init
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression
-from invnet.parallel import AXIS, data_mesh, replicate
+from invnet.parallel import AXIS, data_mesh, replicate, to_host
 
 __all__ = ["fit", "History", "NonFiniteStepWarning"]
 
@@ -139,8 +139,8 @@ class _MeshPlacement(_Placement):
         return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
 
     def host(self, tree):
-        # one (replicated) copy, back on the default device, uncommitted
-        return jax.tree.map(lambda a: jnp.asarray(np.asarray(a.addressable_data(0))), tree)
+        # one copy in this process, back on the default device, uncommitted
+        return jax.tree.map(jnp.asarray, to_host(tree))
 
 
 def _placement(mesh) -> _Placement:
