@@ -25,11 +25,18 @@ if [ "${QUICK:-0}" = "1" ]; then extra+=(--quick); fi
 "$PY" benchmarks/run.py --device gpu --out "$DEST" "${extra[@]}" 2>&1 | tee "$DEST/run.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# error-corrected split products (invnet.splitmm) vs "highest", "default" and XLA's presets:
+# error against float64 and TFLOP/s on the tensor cores (splitmm.json, splitmm.md)
+smm=()
+if [ "${QUICK:-0}" = "1" ]; then smm+=(--dims 1024 --batch 8192); fi
+"$PY" benchmarks/splitmm.py --device gpu --out "$DEST" "${smm[@]}" 2>&1 | tee "$DEST/splitmm.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 if "$PY" -c "import pytest" 2>/dev/null; then
-  "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
+  "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py tests/test_splitmm.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "pytest is not installed: GPU tests (tests/test_gpu.py) skipped" | tee "$DEST/pytest_gpu.log"
 fi
-echo "results in $DEST (results.json, table.md, plot.png, run.log, pytest_gpu.log)"
+echo "results in $DEST (results.json, table.md, plot.png, splitmm.md, run.log, pytest_gpu.log)"
 exit $status
