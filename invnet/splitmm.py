@@ -93,6 +93,8 @@ __all__ = [
     "tensor_product",
     "corrected_matmul",
     "matmul",
+    "dot_general",
+    "dot_general_fn",
 ]
 
 _F32_MANTISSA = 23
@@ -191,25 +193,31 @@ def split(x: jax.Array, bits: int, pieces: int, *, truncate: bool = False) -> li
     return out
 
 
-def tensor_product(a: jax.Array, b: jax.Array, fmt: str, *, emulate: bool = False):
+def _dot(a, b, dims, precision):
+    """``jnp.matmul`` (``dims=None``) or ``lax.dot_general`` with float32 output."""
+    if dims is None:
+        return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def tensor_product(a: jax.Array, b: jax.Array, fmt: str, *, emulate: bool = False, dims=None):
     """One tensor-core product ``a @ b`` of operands that are exactly ``fmt`` numbers.
 
     ``emulate=False``: at ``Precision.DEFAULT`` with ``preferred_element_type=float32``
     (``fmt="tf32"``), or of the operands cast to bfloat16 (``fmt="bf16"``). ``emulate=True``:
     both operands rounded to ``fmt`` and multiplied at ``Precision.HIGHEST`` with float32
-    accumulation, on any backend.
+    accumulation, on any backend. ``dims``: `lax.dot_general` dimension numbers instead of
+    a matmul.
     """
     if emulate:
         rnd = round_tf32 if fmt == "tf32" else round_bf16
-        return jnp.matmul(
-            rnd(a), rnd(b), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-        )
+        return _dot(rnd(a), rnd(b), dims, lax.Precision.HIGHEST)
     if fmt == "bf16":
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    return jnp.matmul(a, b, precision=lax.Precision.DEFAULT, preferred_element_type=jnp.float32)
+    return _dot(a, b, dims, lax.Precision.DEFAULT)
 
 
-def _split_product(a, b, fmt, bits, pieces, orders, *, truncate=False, emulate=False):
+def _split_product(a, b, fmt, bits, pieces, orders, *, truncate=False, emulate=False, dims=None):
     """``sum_{k < orders} 2^-sk sum_{i+j=k} A_i B_j``, smallest order first, in float32."""
     a_parts = split(a, bits, pieces, truncate=truncate)
     b_parts = split(b, bits, pieces, truncate=truncate)
@@ -219,23 +227,26 @@ def _split_product(a, b, fmt, bits, pieces, orders, *, truncate=False, emulate=F
         term = None
         for i in range(k + 1):
             if i < pieces and k - i < pieces:
-                p = tensor_product(a_parts[i], b_parts[k - i], fmt, emulate=emulate)
+                p = tensor_product(a_parts[i], b_parts[k - i], fmt, emulate=emulate, dims=dims)
                 term = p if term is None else term + p
         total = term if total is None else term + total * scale
     return total
 
 
-def corrected_matmul(a: jax.Array, b: jax.Array, fmt: str = "tf32", *, emulate: bool = False):
+def corrected_matmul(
+    a: jax.Array, b: jax.Array, fmt: str = "tf32", *, emulate: bool = False, dims=None
+):
     """Error-corrected ``a @ b`` of float32 matrices: 3 TF32 or 6 bf16 tensor-core products.
 
     ``fmt`` is ``"tf32"`` (2 pieces, float32 accuracy) or ``"bf16"`` (3 pieces). Batched
-    ``a`` (``(..., M, K)``) works as in `jnp.matmul`. See the module docstring.
+    ``a`` (``(..., M, K)``) works as in `jnp.matmul`; ``dims`` (`lax.dot_general` dimension
+    numbers) contracts any axes instead. See the module docstring.
     """
     mode = f"{fmt}_corrected"
     if mode not in CORRECTED:
         raise ValueError(f"corrected_matmul: fmt must be 'tf32' or 'bf16', got {fmt!r}")
     _, bits, pieces = CORRECTED[mode]
-    return _split_product(a, b, fmt, bits, pieces, pieces, emulate=emulate)
+    return _split_product(a, b, fmt, bits, pieces, pieces, emulate=emulate, dims=dims)
 
 
 def matmul(a: jax.Array, b: jax.Array, mode: str = "highest", *, emulate: bool = False):
@@ -247,25 +258,63 @@ def matmul(a: jax.Array, b: jax.Array, mode: str = "highest", *, emulate: bool =
     split by truncation, bf16 by rounding, float32 sums), which shows the splits' error but
     not the library's accumulation order.
     """
+    return _product(a, b, mode, emulate, None, "splitmm.matmul")
+
+
+def dot_general(lhs, rhs, dimension_numbers, mode: str = "highest", *, emulate: bool = False):
+    """`lax.dot_general` in precision ``mode``: any contraction, as `matmul` does a matmul."""
+    return _product(lhs, rhs, mode, emulate, dimension_numbers, "splitmm.dot_general")
+
+
+def dot_general_fn(mode: str, *, emulate: bool = False):
+    """A ``dot_general`` for ``flax.nnx.Linear(..., dot_general=...)`` (and ``nnx.Conv``)
+    that runs in ``mode``; the ``precision`` the layer passes is ignored (``mode`` decides).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from invnet import splitmm
+        >>> dense = nnx.Linear(3, 2, rngs=nnx.Rngs(0),
+        ...                    dot_general=splitmm.dot_general_fn("tf32_corrected"))
+        >>> dense(jnp.ones((4, 3))).shape
+        (4, 2)
+    """
     if mode not in MODES:
-        raise ValueError(f"splitmm.matmul: mode must be one of {sorted(MODES)}, got {mode!r}")
+        raise ValueError(f"splitmm.dot_general_fn: mode must be one of {sorted(MODES)}")
+
+    def run(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        del precision, kw  # the mode decides; out_sharding is not supported
+        out = dot_general(lhs, rhs, dimension_numbers, mode, emulate=emulate)
+        return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+    return run
+
+
+def _product(a, b, mode, emulate, dims, name):
+    if mode not in MODES:
+        raise ValueError(f"{name}: mode must be one of {sorted(MODES)}, got {mode!r}")
     a, b = jnp.asarray(a), jnp.asarray(b)
     if mode == "highest" or a.dtype == jnp.float64 or b.dtype == jnp.float64:
-        return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+        if dims is None:
+            return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+        return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST)
     if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-        raise TypeError(f"splitmm.matmul: expected float32 operands, got {a.dtype}, {b.dtype}")
+        raise TypeError(f"{name}: expected float32 operands, got {a.dtype}, {b.dtype}")
     if mode == "default":
-        return tensor_product(a, b, "tf32", emulate=emulate)
+        return tensor_product(a, b, "tf32", emulate=emulate, dims=dims)
     if mode in CORRECTED:
-        return corrected_matmul(a, b, CORRECTED[mode][0], emulate=emulate)
+        return corrected_matmul(a, b, CORRECTED[mode][0], emulate=emulate, dims=dims)
     if emulate:
         fmt, bits, pieces, orders = _PRESET_EMULATION[mode]
-        return _split_product(a, b, fmt, bits, pieces, orders, truncate=fmt == "tf32", emulate=True)
+        trunc = fmt == "tf32"
+        return _split_product(
+            a, b, fmt, bits, pieces, orders, truncate=trunc, emulate=True, dims=dims
+        )
     if mode == "tf32x3" and jax.default_backend() != "gpu":
         raise ValueError(
-            "splitmm.matmul: 'tf32x3' needs an NVIDIA GPU (TF32 tensor cores); the backend "
+            f"{name}: 'tf32x3' needs an NVIDIA GPU (TF32 tensor cores); the backend "
             f"here is {jax.default_backend()!r}. Use emulate=True to measure its accuracy, or "
             "'tf32_corrected' / 'highest'"
         )
     with jax.default_matmul_precision(_PRESETS[mode]):
-        return jnp.matmul(a, b)
+        return jnp.matmul(a, b) if dims is None else lax.dot_general(a, b, dims)

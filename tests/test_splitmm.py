@@ -190,3 +190,24 @@ def test_corrected_on_gpu():
     highest = err("highest")
     assert err("tf32_corrected") <= 4 * highest
     assert err("bf16_corrected") <= 4 * highest
+
+
+def test_dot_general_and_flax_linear():
+    """Any contraction (here the batch-of-matrices one), and nnx.Linear's dot_general hook."""
+    from flax import nnx
+
+    a = jax.random.normal(jax.random.key(6), (3, 8, 16), jnp.float32)
+    b = jax.random.normal(jax.random.key(7), (3, 16, 4), jnp.float32)
+    dims = (((2,), (1,)), ((0,), (0,)))
+    exact = np.einsum("bij,bjk->bik", np.asarray(a, np.float64), np.asarray(b, np.float64))
+    got = splitmm.dot_general(a, b, dims, "tf32_corrected", emulate=True)
+    one = splitmm.dot_general(a, b, dims, "default", emulate=True)
+    assert np.max(np.abs(np.asarray(got) - exact)) < 1e-5 < np.max(np.abs(np.asarray(one) - exact))
+
+    x = jax.random.normal(jax.random.key(8), (5, 16), jnp.float32)
+    plain = nnx.Linear(16, 4, precision="highest", rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    fn = splitmm.dot_general_fn("tf32_corrected", emulate=True)
+    split_dense = nnx.Linear(16, 4, dot_general=fn, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(split_dense(x)), np.asarray(plain(x)), atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        splitmm.dot_general_fn("fast")
