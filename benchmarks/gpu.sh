@@ -25,11 +25,38 @@ if [ "${QUICK:-0}" = "1" ]; then extra+=(--quick); fi
 "$PY" benchmarks/run.py --device gpu --out "$DEST" "${extra[@]}" 2>&1 | tee "$DEST/run.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# error-corrected split products (invnet.splitmm) vs "highest", "default" and XLA's presets:
+# error against float64 and TFLOP/s on the tensor cores (splitmm.json, splitmm.md)
+smm=()
+if [ "${QUICK:-0}" = "1" ]; then smm+=(--dims 1024 --batch 8192); fi
+"$PY" benchmarks/splitmm.py --device gpu --out "$DEST" "${smm[@]}" 2>&1 | tee "$DEST/splitmm.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# invnet bench on a saved GLOW-like flow (LU + affine coupling x4, D=256): the user-facing
+# numbers (eager / call / jit / compiled, first-call times, peak GPU memory)
+"$PY" - "$DEST/bench_model.invnet" <<'PY'
+import sys
+from flax import nnx
+import invnet
+rngs = nnx.Rngs(0)
+blocks = []
+for _ in range(4):
+    blocks += [invnet.LULinear(256, rngs=rngs), invnet.AffineCoupling(256, hidden=(512, 512), rngs=rngs)]
+invnet.save(invnet.Flow(invnet.Sequential(*blocks)), sys.argv[1])
+PY
+if "$PY" -m invnet.cli bench "$DEST/bench_model.invnet" --device gpu --batch-size 65536 --json \
+  > "$DEST/bench.json" 2> "$DEST/bench.log"; then
+  "$PY" -c "import json, sys; from invnet.bench import BenchReport as R
+print(R.from_dict(json.load(open(sys.argv[1]))).table())" "$DEST/bench.json" | tee "$DEST/bench.txt"
+else
+  status=1; cat "$DEST/bench.log"
+fi
+
 if "$PY" -c "import pytest" 2>/dev/null; then
-  "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
+  "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py tests/test_splitmm.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "pytest is not installed: GPU tests (tests/test_gpu.py) skipped" | tee "$DEST/pytest_gpu.log"
 fi
-echo "results in $DEST (results.json, table.md, plot.png, run.log, pytest_gpu.log)"
+echo "results in $DEST (results.json, table.md, plot.png, splitmm.md, run.log, pytest_gpu.log)"
 exit $status

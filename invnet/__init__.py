@@ -75,3 +75,7 @@ __all__ = [
     "reversible",
     "Reversible",
 ]
+
+from invnet.bench import BenchReport, bench  # noqa: E402
+
+__all__ += ["bench", "BenchReport"]
