@@ -133,7 +133,7 @@ def _inputs(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from invnet.verify import verify
+    from invnet.verification import verify
 
     try:
         model, x, cond = _inputs(args)
