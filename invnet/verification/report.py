@@ -157,7 +157,7 @@ class VerifyReport:
                 f"({'ok' if ld['ok'] else 'FAIL'}, worst err/tol {_f(ld['worst_ratio'])})"
             ]
         else:
-            lines = ["  log-det: not checked (no finite samples)"]
+            lines = ["  log-det vs slogdet(jacobian): not checked (no finite samples drawn for it)"]
         if f64.get("available"):
             lines.append(
                 f"  float64 drift: outputs {_f(f64['forward_drift_rel'])} rel, inputs (via "
