@@ -25,7 +25,7 @@ from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd
 from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
-from invnet.verify import VerifyReport, verify
+from invnet.verification import VerifyReport, verify
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,19 @@
 """``invnet verify PATH``: verify a model saved with `invnet.save` from the command line.
 
 Exit codes: 0 the model passes, 1 it fails, 2 the input is unusable (missing or corrupt model
-file, unreadable data, wrong shape); the reason is one line on stderr.
+file, unreadable data, wrong shape, ``--cond`` for an unconditional model); the reason is one
+line on stderr, and with ``--json`` also a JSON object ``{"ok": false, "error": ..., "exit_code":
+2}`` on stdout. ``--data`` and ``--cond`` take ``.npy`` files or ``.csv`` files (numbers
+separated by commas, one sample per row, no header). Output piped into a reader that stops
+early (``invnet verify m.invnet | head``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 
 __all__ = ["add_parser", "run"]
@@ -27,11 +34,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("path", help="model file written by invnet.save")
     parser.add_argument(
-        "--data", help=".npy array of inputs, shape (N, D); default: standard-normal draws"
+        "--data",
+        help=".npy array of inputs (N, *event), or a .csv of rows (N, D); "
+        "default: standard-normal draws",
     )
     parser.add_argument(
         "--cond",
-        help=".npy conditions of a conditional model, (N, cond_dim) or (cond_dim,)",
+        help=".npy or .csv conditions of a conditional model, (N, cond_dim) or (cond_dim,)",
     )
     parser.add_argument(
         "--samples",
@@ -48,15 +57,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_array(path: str, what: str):
+def _read(path: str, what: str):
+    """The array in ``path``: a ``.npy`` file, or a ``.csv`` (comma-separated numbers, one
+    sample per row, no header) read with ``numpy.loadtxt``."""
     import numpy as np
 
     try:
-        arr = np.load(path, allow_pickle=False)
+        if path.lower().endswith(".csv"):
+            try:
+                return np.loadtxt(path, delimiter=",", ndmin=2)
+            except ValueError as err:
+                raise _Unusable(
+                    f"{what} file {path} is read as CSV (comma-separated numbers, one sample "
+                    f"per row, no header) but could not be parsed: {str(err).splitlines()[0]}"
+                ) from None
+        return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise _Unusable(f"{what} file not found: {path}") from None
-    except (OSError, ValueError) as err:
-        raise _Unusable(f"{what} file {path} is not a readable .npy array ({err})") from None
+    except ValueError:  # numpy's words here ("pickled data") would mislead
+        raise _Unusable(
+            f"{what} file {path} is not a .npy array written by numpy.save; pass a .npy file "
+            "or a .csv file (comma-separated numbers, one sample per row)"
+        ) from None
+    except OSError as err:
+        raise _Unusable(f"{what} file {path} cannot be read ({err})") from None
+
+
+def _load_array(path: str, what: str):
+    import numpy as np
+
+    arr = _read(path, what)
     if not isinstance(arr, np.ndarray):
         raise _Unusable(f"{what} file {path} holds several arrays (.npz); save one with np.save")
     if arr.dtype.kind in "iub":
@@ -78,62 +108,96 @@ def _model_float_type(model):
     return np.float32
 
 
-def _inputs(args):
-    import jax
-    import numpy as np
-
+def _load_model(path: str):
     import invnet
 
     try:
-        model = invnet.load(args.path)
+        return invnet.load(path)
     except FileNotFoundError:
-        raise _Unusable(f"model file not found: {args.path}") from None
+        raise _Unusable(f"model file not found: {path}") from None
     except (OSError, ValueError) as err:
         raise _Unusable(str(err).replace("\n", " ")) from None
-    if args.samples is not None and args.samples < 1:
-        raise _Unusable(f"--samples must be >= 1, got {args.samples}")
-    float_type = _model_float_type(model)
-    if args.data is not None:
-        x = _load_array(args.data, "data")
-        if x.ndim == 1 and model.dim is not None and x.shape[0] == model.dim:
-            x = x[None]
-        if x.ndim < 2 or x.shape[0] == 0:
-            raise _Unusable(f"data must have shape (N, D), got {x.shape}")
-        if model.dim is not None and x.shape[-1] != model.dim:
-            raise _Unusable(
-                f"data has shape {x.shape} but the model maps vectors of size {model.dim}"
-            )
-        x = x.reshape(-1, x.shape[-1])
-        if args.samples is not None:
-            x = x[: args.samples]
-    else:
-        if model.dim is None:
+
+
+def _data(args, model):
+    """Inputs ``(N, *event)``: from ``--data`` (shape checked by `invnet.verify` with the
+    model's own messages) or standard-normal draws."""
+    import jax
+    import numpy as np
+
+    pattern = model.event_pattern()
+    if args.data is None:
+        if any(s is None for s in pattern):
             raise _Unusable(
                 "the model has no fixed input size (elementwise layers only); pass --data"
             )
         n = 256 if args.samples is None else args.samples
-        x = np.asarray(jax.random.normal(jax.random.key(args.seed), (n, model.dim)))
-    x = x.astype(float_type)
-    cond = None
-    if model.cond_dim:
-        if args.cond is None:
+        return np.asarray(jax.random.normal(jax.random.key(args.seed), (n, *pattern)))
+    x = _load_array(args.data, "data")
+    size = None if any(s is None for s in pattern) else math.prod(pattern)
+    if len(pattern) > 1 and x.ndim == 2 and x.shape[1] == size:
+        x = x.reshape(len(x), *pattern)  # flat rows (a CSV) of a model on rank-k events
+    if x.ndim == len(pattern):
+        x = x[None]  # one sample
+    if x.shape[0] == 0:
+        raise _Unusable(f"data has no samples (shape {x.shape})")
+    return x if args.samples is None else x[: args.samples]
+
+
+def _cond(args, model, n: int):
+    if not model.cond_dim:
+        if args.cond is not None:
             raise _Unusable(
-                f"the model is conditional (cond_dim={model.cond_dim}); pass --cond FILE.npy"
+                "--cond was given but the model is not conditional (cond_dim=0); drop --cond, "
+                "or check that this is the conditional model you meant"
             )
-        cond = _load_array(args.cond, "cond").astype(float_type)
-        if cond.shape != (model.cond_dim,) and cond.shape != (len(x), model.cond_dim):
-            if cond.ndim == 2 and cond.shape[1] == model.cond_dim and len(cond) >= len(x):
-                cond = cond[: len(x)]
-            else:
-                raise _Unusable(
-                    f"cond has shape {cond.shape}; expected ({len(x)}, {model.cond_dim}) or "
-                    f"({model.cond_dim},)"
-                )
-    return model, x, cond
+        return None
+    if args.cond is None:
+        raise _Unusable(
+            f"the model is conditional (cond_dim={model.cond_dim}); pass --cond FILE.npy"
+        )
+    cond = _load_array(args.cond, "cond")
+    if cond.ndim == 2 and cond.shape[1] == model.cond_dim and len(cond) > n:
+        cond = cond[:n]
+    if cond.shape != (model.cond_dim,) and cond.shape != (n, model.cond_dim):
+        raise _Unusable(
+            f"cond has shape {cond.shape}; expected ({n}, {model.cond_dim}) or ({model.cond_dim},)"
+        )
+    return cond
+
+
+def _inputs(args):
+    model = _load_model(args.path)
+    if args.samples is not None and args.samples < 1:
+        raise _Unusable(f"--samples must be >= 1, got {args.samples}")
+    float_type = _model_float_type(model)
+    x = _data(args, model).astype(float_type)
+    cond = _cond(args, model, len(x))
+    return model, x, None if cond is None else cond.astype(float_type)
+
+
+def _emit(text: str, stream) -> None:
+    """Print ``text``; a reader that went away (``invnet verify m | head``) is not an error:
+    the rest of the output is discarded, the standard way (Python docs, "Note on SIGPIPE")."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # no second error when Python flushes at exit
+
+
+def _unusable(message: str, as_json: bool) -> int:
+    """Exit code 2: the reason as one line on stderr (and a JSON object on stdout with
+    ``--json``)."""
+    message = message.removeprefix("invnet.verify: ")
+    _emit(f"invnet verify: error: {message}", sys.stderr)
+    if as_json:
+        _emit(json.dumps({"ok": False, "error": message, "exit_code": 2}), sys.stdout)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
-    from invnet.verify import verify
+    from invnet.verification import verify
 
     try:
         model, x, cond = _inputs(args)
@@ -146,10 +210,8 @@ def run(args: argparse.Namespace) -> int:
             check_float64=not args.no_float64,
         )
     except _Unusable as err:
-        print(f"invnet verify: error: {err}", file=sys.stderr)
-        return 2
+        return _unusable(str(err), args.json)
     except (TypeError, ValueError) as err:
-        print(f"invnet verify: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(report.to_json() if args.json else report.table())
+        return _unusable(str(err).splitlines()[0], args.json)
+    _emit(report.to_json() if args.json else report.table(), sys.stdout)
     return 0 if report.ok else 1

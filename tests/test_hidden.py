@@ -8,7 +8,7 @@ from flax import nnx
 from registry import perturb
 
 import invnet
-from invnet.verify import SAFETY, layer_bound
+from invnet.verification import SAFETY, layer_bound
 from tests.test_verify import D
 
 

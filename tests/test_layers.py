@@ -53,6 +53,50 @@ def test_from_matrix_reproduces_the_matrix():
     np.testing.assert_allclose(log_det, np.linalg.slogdet(w)[1], atol=1e-12)
 
 
+def test_from_matrix_names_the_real_problem():
+    cases = [
+        (np.ones(3), ValueError, r"one square \(D, D\) matrix, got a 1-D array of shape \(3,\)"),
+        (np.ones((2, 3, 3)), ValueError, r"3-D array of shape \(2, 3, 3\).*one LULinear per"),
+        (np.zeros((0, 0)), ValueError, r"empty \(0x0\)"),
+        (np.eye(2) * (1 + 1j), TypeError, "complex"),
+        (np.array([["a", "b"], ["c", "d"]]), TypeError, "real numbers, got dtype <U1"),
+    ]
+    for weight, error, message in cases:
+        with pytest.raises(error, match=message):
+            invnet.LULinear.from_matrix(weight)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        invnet.LULinear.from_matrix(np.eye(2), param_dtype=jnp.float16)
+
+
+def _with_condition(condition, dim=8):
+    rng = np.random.default_rng(0)
+    q1, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    q2, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return q1 @ np.diag(np.logspace(0, -np.log10(condition), dim)) @ q2.T
+
+
+def test_from_matrix_stores_the_dtype_it_reports_and_checks_against_it():
+    ill = _with_condition(1e8)  # fine for float64, singular to float32 precision
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            invnet.LULinear.from_matrix(ill, param_dtype=jnp.float64)
+        with pytest.raises(ValueError, match="float32 precision"):
+            invnet.LULinear.from_matrix(ill)  # float64 W, x64 off: float32 storage
+        layer = invnet.LULinear.from_matrix(_with_condition(10.0))
+        assert layer.param_dtype == jnp.float32 and layer.lower[...].dtype == jnp.float32
+    layer = invnet.LULinear.from_matrix(ill, param_dtype=jnp.float64)  # x64 on in tests
+    assert layer.param_dtype == jnp.float64 and layer.lower[...].dtype == jnp.float64
+
+
+def test_from_matrix_condition_estimate_is_the_1_norm_condition_number():
+    for condition in (10.0, 1e4):
+        w = _with_condition(condition)
+        limit = np.linalg.cond(w, 1)
+        invnet.LULinear.from_matrix(w, max_condition=1.01 * limit)  # a lower estimate
+        with pytest.raises(ValueError, match="condition number"):
+            invnet.LULinear.from_matrix(w, max_condition=limit / 10)  # within a factor 10
+
+
 def test_lulinear_identity_init_and_orthogonal_init():
     ident = invnet.LULinear(4, init="identity", param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(ident.weight(), np.eye(4), atol=0)

@@ -177,3 +177,74 @@ def test_readme_verification_example_runs():
     assert report.ok and report.dtype == "float32"
     assert namespace["grad"].shape == (128, 4)
     assert isinstance(namespace["net"], invnet.Sequential)
+
+
+def test_reversible_model_gives_one_row_per_layer_with_its_bound():
+    x = jax.random.normal(jax.random.key(0), (16, D), jnp.float32)
+    model = ill_conditioned_model(condition=1e3)
+    report = invnet.verify(invnet.reversible(model), x, check_float64=False)
+    assert [layer.name for layer in report.layers] == [f"model.model[{k}]" for k in range(4)]
+    assert [layer.kind for layer in report.layers] == [
+        "LULinear",
+        "LeakyReLU",
+        "LULinear",
+        "AffineCoupling",
+    ]
+    assert [layer.bound_rule for layer in report.layers] == [
+        layer.layer.error_bound()[1] for layer in invnet.core.steps(model)
+    ]
+    assert report.layers[2].bound == pytest.approx(1e3, rel=0.5)
+    assert report.ok, report.table()
+
+
+def test_rank3_event_model():
+    """Images (N, H, W, C): per-sample errors over all event axes, a 32x32 Jacobian."""
+    model = invnet.Sequential(invnet.ActNorm(2, event_ndim=3), invnet.LeakyReLU(0.5))
+    model[0].log_scale[...] = jnp.asarray([0.3, -0.2], jnp.float32)
+    model[0].initialized[...] = jnp.asarray(True)
+    x = jax.random.normal(jax.random.key(0), (6, 4, 4, 2), jnp.float32)
+    report = invnet.verify(model, x, jacobian_samples=2)
+    assert report.ok, report.table()
+    assert report.dim == 32 and report.event_shape == (4, 4, 2)
+    assert report.output_event_shape == (4, 4, 2) and report.n_samples == 6
+    assert report.log_det["n"] == 2 and 0 <= report.log_det["forward_max_err"] < 1e-4
+    assert report.float64["available"]
+    assert "event (4, 4, 2)" in report.table()
+    with pytest.raises(ValueError, match=r"invnet.verify: .*event shape"):
+        invnet.verify(model, jnp.ones((3, 4, 4, 3), jnp.float32))
+
+
+def test_shape_changing_model():
+    """(4, 4, 2) -> (32,): errors compare arrays of their own shapes; bounds per layer."""
+    rngs = nnx.Rngs(0)
+    model = invnet.Sequential(
+        invnet.ActNorm(2, event_ndim=3),
+        invnet.Reshape((4, 4, 2), (32,)),
+        invnet.LULinear(32, rngs=rngs),
+    )
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 4, 2), jnp.float32)  # two batch axes
+    invnet.data_init(model, x)
+    report = invnet.verify(model, x, jacobian_samples=2, check_float64=False)
+    assert report.ok, report.table()
+    assert report.n_samples == 6 and report.dim == 32
+    assert report.event_shape == (4, 4, 2) and report.output_event_shape == (32,)
+    assert [layer.kind for layer in report.layers] == ["ActNorm", "Reshape", "LULinear"]
+    assert report.layers[2].bound == pytest.approx(model[2].error_bound()[0])
+    assert report.tol == pytest.approx(
+        min(10 * 32 * float(jnp.finfo(jnp.float32).eps) * report.condition_bound, 2**-11.5)
+    )
+    data = json.loads(report.to_json())
+    assert data["event_shape"] == [4, 4, 2] and data["output_event_shape"] == [32]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_input_is_refused_clearly(dtype):
+    model = invnet.Sequential(invnet.LULinear(D, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=r"invnet.verify: .*float32 or float64.*astype"):
+        invnet.verify(model, jnp.ones((3, D), dtype))
+
+
+def test_unconditional_model_refuses_cond():
+    model = invnet.Sequential(invnet.LULinear(D, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="invnet.verify: .*cond_dim=0"):
+        invnet.verify(model, jnp.ones((3, D), jnp.float32), cond=jnp.ones((3, 2)))

@@ -90,3 +90,70 @@ def test_subprocess_exit_codes(healthy, tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "PASS" in ok.stdout
+
+
+def test_csv_data_is_read(healthy, tmp_path, capsys):
+    data = tmp_path / "x.csv"
+    np.savetxt(data, np.asarray(jax.random.normal(jax.random.key(4), (12, D))), delimiter=",")
+    assert main(["verify", str(healthy), "--data", str(data), "--json", "--no-float64"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_samples"] == 12
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c,d\n1,2,3,4\n")
+    assert main(["verify", str(healthy), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "read as CSV" in err and "pickled" not in err
+    other = tmp_path / "x.txt"
+    other.write_text("1 2 3 4\n")
+    assert main(["verify", str(healthy), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "not a .npy array" in err and "pickled" not in err
+
+
+def test_json_errors_are_json_on_stdout(healthy, tmp_path, capsys):
+    for args in ([str(tmp_path / "missing.invnet")], [str(healthy), "--data", "nope.npy"]):
+        assert main(["verify", *args, "--json"]) == 2
+        captured = capsys.readouterr()
+        error = json.loads(captured.out)
+        assert error["ok"] is False and error["exit_code"] == 2
+        assert "not found" in error["error"] and "not found" in captured.err
+
+
+def test_cond_for_an_unconditional_model_is_an_error(healthy, tmp_path, capsys):
+    cond = tmp_path / "c.npy"
+    np.save(cond, np.zeros((256, 2), np.float32))
+    assert main(["verify", str(healthy), "--cond", str(cond)]) == 2
+    assert "not conditional" in capsys.readouterr().err
+
+
+def test_rank3_model_with_flat_csv_rows(tmp_path, capsys):
+    model = invnet.Sequential(
+        invnet.ActNorm(2, event_ndim=3),
+        invnet.Reshape((4, 4, 2), (32,)),
+        invnet.LULinear(32, rngs=nnx.Rngs(0)),
+    )
+    path = invnet.save(model, tmp_path / "image.invnet")
+    data = tmp_path / "x.csv"
+    np.savetxt(data, np.asarray(jax.random.normal(jax.random.key(5), (3, 32))), delimiter=",")
+    for extra in ([], ["--data", str(data)]):
+        args = ["verify", str(path), "--samples", "4", "--json", "--no-float64", *extra]
+        assert main(args) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["event_shape"] == [4, 4, 2] and report["output_event_shape"] == [32]
+
+
+def test_closed_pipe_ends_quietly(healthy):
+    """`invnet verify m.invnet | head`: the reader is gone before the report is written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "invnet.cli", "verify", str(healthy), "--samples", "8"]
+    proc = subprocess.Popen(
+        [*cmd, "--no-float64", "--jacobian-samples", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    proc.stdout.close()  # like `head` exiting: every write to stdout now fails with EPIPE
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -17,10 +17,81 @@ __all__ = ["LULinear"]
 
 
 def _lu_factors(weight: np.ndarray):
-    """Pivoted LU of a square matrix: W = P L U, returned as (perm, strict lower, U)."""
-    p, lower, upper = scipy.linalg.lu(weight)
-    perm = np.argmax(p, axis=1)  # (P v)_i = v[perm[i]]
-    return perm, np.tril(lower, -1), upper
+    """Pivoted LU of a square float64 matrix, ``W = P L U`` (LAPACK getrf), returned as
+    ``(perm, strict lower, U, rcond)``: ``W = (L U)[perm]`` and ``rcond`` LAPACK gecon's
+    estimate of ``1 / cond_1(W)`` from the same factors (0 for an exactly singular W), O(D^2)
+    on top of the O(D^3) factorisation instead of a second O(D^3) SVD."""
+    lu, piv, info = scipy.linalg.lapack.dgetrf(weight)
+    rows = np.arange(weight.shape[0])
+    for i, p in enumerate(piv):  # getrf swapped row i with row piv[i], in this order
+        rows[[i, p]] = rows[[p, i]]
+    upper = np.triu(lu)
+    if info > 0:  # an exact zero pivot
+        rcond = 0.0
+    else:
+        norm_1 = float(np.max(np.sum(np.abs(weight), axis=0)))
+        rcond, _ = scipy.linalg.lapack.dgecon(lu, norm_1, norm="1")
+    return np.argsort(rows), np.tril(lu, -1), upper, float(rcond)
+
+
+def _orthogonal_factors(gauss: np.ndarray):
+    """LU factors of the rotation ``Q = G R^{-1}`` of ``G = Q R`` (``R`` with positive
+    diagonal) without forming ``Q``: partial pivoting picks the same rows for ``Q`` as for
+    ``G`` (column k of Q is a combination of G's first k columns), so ``Q = P L (U_G R^{-1})``
+    from ``G = P L U_G``. Costs a QR without ``Q`` and one LU, not a QR, ``Q`` and an LU."""
+    perm, lower, upper, _ = _lu_factors(gauss)
+    (r,) = scipy.linalg.qr(gauss, mode="r", check_finite=False)
+    r *= np.sign(np.diag(r))[:, None]  # the R of the QR whose R has a positive diagonal
+    # U_G R^{-1}, as the transpose of R^{-T} U_G^T
+    upper = scipy.linalg.solve_triangular(r, upper.T, trans="T", check_finite=False).T
+    return perm, lower, upper
+
+
+def _check_weight(weight) -> np.ndarray:
+    """``weight`` as one finite, real, non-empty square matrix, or a clear error."""
+    w = np.asarray(weight)
+    where = "LULinear.from_matrix"
+    if w.dtype.kind == "c":
+        raise TypeError(
+            f"{where}: weight is complex ({w.dtype}); LULinear is a real map. Pass W.real if "
+            "the imaginary part is zero, or write the complex map as a real 2D x 2D one"
+        )
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"{where}: weight must hold real numbers, got dtype {w.dtype}")
+    if w.ndim != 2:
+        hint = "; for a stack of matrices build one LULinear per matrix" if w.ndim > 2 else ""
+        raise ValueError(
+            f"{where}: weight must be one square (D, D) matrix, got a {w.ndim}-D array of "
+            f"shape {w.shape}{hint}"
+        )
+    if w.shape[0] != w.shape[1]:
+        raise ValueError(
+            f"{where}: weight must be square to be invertible, got shape {w.shape}. A "
+            f"{w.shape[1]}->{w.shape[0]} map cannot be inverted: a non-square layer either "
+            "drops dimensions or cannot reach all outputs"
+        )
+    if w.shape[0] == 0:
+        raise ValueError(f"{where}: weight is empty (0x0); an LULinear needs D >= 1")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{where}: weight has non-finite (NaN/inf) entries")
+    return w
+
+
+def _param_dtype(param_dtype, weight_dtype) -> np.dtype:
+    """The dtype `from_matrix` stores: float32 or float64, float64 only with x64 on."""
+    x64 = jax.config.read("jax_enable_x64")
+    if param_dtype is None:
+        return jnp.dtype(jnp.float64 if (weight_dtype == np.float64 and x64) else jnp.float32)
+    dt = jnp.dtype(param_dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise TypeError(f"LULinear.from_matrix: param_dtype must be float32 or float64, got {dt}")
+    if dt == jnp.float64 and not x64:
+        raise ValueError(
+            "LULinear.from_matrix: param_dtype=float64 needs JAX's 64-bit mode, which is off "
+            "(JAX would store float32 parameters). Enable it first with "
+            "jax.config.update('jax_enable_x64', True), or use param_dtype=jnp.float32"
+        )
+    return dt
 
 
 class LULinear(Bijector):
@@ -85,8 +156,7 @@ class LULinear(Bijector):
         self.precision = check_precision(precision)
         if init == "orthogonal":
             gauss = np.asarray(jax.random.normal(rngs.params(), (dim, dim), jnp.float32), float)
-            q, r = np.linalg.qr(gauss)
-            self._set_factors(q * np.sign(np.diag(r)), np.zeros(dim))
+            self._store_lu(*_orthogonal_factors(gauss), np.zeros(dim))
         elif init == "random":
             k_perm, k_sign, k_noise = jax.random.split(rngs.params(), 3)
             noise = np.asarray(jax.random.normal(k_noise, (dim, dim), jnp.float32), float)
@@ -96,10 +166,11 @@ class LULinear(Bijector):
             zeros = np.zeros(dim)
             self._store(perm, np.tril(noise, -1), np.triu(noise, 1), sign, zeros, zeros)
         else:
-            self._set_factors(np.eye(dim), np.zeros(dim))
+            zeros = np.zeros(dim)
+            self._store_lu(np.arange(dim), np.zeros((dim, dim)), np.eye(dim), zeros)
 
-    def _set_factors(self, weight: np.ndarray, bias: np.ndarray) -> None:
-        perm, lower, upper = _lu_factors(np.asarray(weight, np.float64))
+    def _store_lu(self, perm, lower, upper, bias) -> None:
+        """Set every variable from float64 factors ``W = (L U)[perm]`` (``lower`` strict)."""
         diag = np.diag(upper)
         self._store(perm, lower, np.triu(upper, 1), np.sign(diag), np.log(np.abs(diag)), bias)
 
@@ -126,26 +197,27 @@ class LULinear(Bijector):
     ) -> LULinear:
         """Build ``y = W x + b`` from a trained square matrix, via pivoted LU.
 
-        Refuses (``ValueError``) a matrix that is not square, has non-finite entries, or is
-        singular to working precision: its condition number exceeds ``max_condition``
-        (default ``1 / eps`` of ``param_dtype``). ``param_dtype`` defaults to float64 when
-        ``W`` is float64 and x64 is enabled, else float32.
+        ``W`` must be one real ``(D, D)`` matrix (``TypeError`` for complex, string or
+        boolean arrays). Refuses (``ValueError``) a matrix that is not square, is empty, has
+        non-finite entries, or is singular to the working precision: its condition number
+        exceeds ``max_condition`` (default ``1 / eps`` of the dtype the parameters are
+        stored in). The condition number is LAPACK's 1-norm estimate (``gecon``) from the
+        LU factors the layer is built from, O(D^2) extra instead of an O(D^3) SVD: a lower
+        bound of ``cond_1(W)``, in practice within a factor 10 of it (``cond_1`` itself is
+        within a factor D of the 2-norm one). ``param_dtype`` defaults to float64 when ``W``
+        is float64 and x64 is enabled, else float32; ``param_dtype=float64`` with x64 off is
+        refused (JAX would silently store float32): enable x64 first.
         """
-        w = np.asarray(weight)
-        if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        w = _check_weight(weight)
+        dt = _param_dtype(param_dtype, w.dtype)
+        b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
+        if b.shape != (w.shape[0],) or not np.all(np.isfinite(b)):
             raise ValueError(
-                f"LULinear.from_matrix: weight must be square to be invertible, got shape "
-                f"{w.shape}. A {w.shape[-1] if w.ndim else '?'}->"
-                f"{w.shape[0] if w.ndim else '?'} map cannot be inverted: a non-square layer "
-                "either drops dimensions or cannot reach all outputs"
+                f"LULinear.from_matrix: bias must be finite with shape ({w.shape[0]},), "
+                f"got {b.shape}"
             )
-        if not np.issubdtype(w.dtype, np.number) or not np.all(np.isfinite(w)):
-            raise ValueError("LULinear.from_matrix: weight has non-finite (NaN/inf) entries")
-        if param_dtype is None:
-            x64 = jax.config.read("jax_enable_x64")
-            param_dtype = jnp.float64 if (w.dtype == np.float64 and x64) else jnp.float32
-        dt = jnp.dtype(param_dtype)
-        cond = float(np.linalg.cond(w.astype(np.float64)))
+        perm, lower, upper, rcond = _lu_factors(w.astype(np.float64))
+        cond = 1.0 / rcond if rcond > 0 else math.inf
         limit = max_condition if max_condition is not None else 1.0 / float(jnp.finfo(dt).eps)
         if not np.isfinite(cond) or cond > limit:
             raise ValueError(
@@ -153,12 +225,6 @@ class LULinear(Bijector):
                 f"{dt.name} precision (condition number {cond:.3g} > {limit:.3g}); its inverse "
                 "would be dominated by rounding error. Regularise it (e.g. W + eps*I) or "
                 "retrain with invnet.LULinear, which cannot become singular"
-            )
-        b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
-        if b.shape != (w.shape[0],) or not np.all(np.isfinite(b)):
-            raise ValueError(
-                f"LULinear.from_matrix: bias must be finite with shape ({w.shape[0]},), "
-                f"got {b.shape}"
             )
         layer = cls(
             w.shape[0],
@@ -168,7 +234,7 @@ class LULinear(Bijector):
             precision=precision,
             rngs=nnx.Rngs(0),
         )
-        layer._set_factors(w.astype(np.float64), b)
+        layer._store_lu(perm, lower, upper, b)
         return layer
 
     def get_config(self) -> dict[str, Any]:
