@@ -46,7 +46,7 @@ invnet.save(invnet.Flow(invnet.Sequential(*blocks)), sys.argv[1])
 PY
 if "$PY" -m invnet.cli bench "$DEST/bench_model.invnet" --device gpu --batch-size 65536 --json \
   > "$DEST/bench.json" 2> "$DEST/bench.log"; then
-  "$PY" -c "import json, sys; from invnet.bench import BenchReport as R
+  "$PY" -c "import json, sys; from invnet.benchmarking import BenchReport as R
 print(R.from_dict(json.load(open(sys.argv[1]))).table())" "$DEST/bench.json" | tee "$DEST/bench.txt"
 else
   status=1; cat "$DEST/bench.log"

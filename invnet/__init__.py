@@ -4,6 +4,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
+from invnet.benchmarking import BenchReport, bench
 from invnet.compile import LU_INVERSE_METHODS, Compiled, StaleCompiledError, compile
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
@@ -74,8 +75,6 @@ __all__ = [
     "LU_INVERSE_METHODS",
     "reversible",
     "Reversible",
+    "bench",
+    "BenchReport",
 ]
-
-from invnet.bench import BenchReport, bench  # noqa: E402
-
-__all__ += ["bench", "BenchReport"]

@@ -86,7 +86,7 @@ def _bench_inputs(args):
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from invnet.bench import MODES, bench
+    from invnet.benchmarking import MODES, bench
     from invnet.verify_cli import _Unusable
 
     try:

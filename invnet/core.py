@@ -73,6 +73,10 @@ PRECISIONS: dict[str, str] = {
     "tf32x3": "TF32_TF32_F32_X3",  # GPU only: 3 TF32 passes, close to float32 accuracy
     "bf16x6": "BF16_BF16_F32_X6",  # 6 bf16 passes: float32-level accuracy on tensor cores
     "bf16x3": "BF16_BF16_F32_X3",  # 3 bf16 passes: ~1e-5 relative
+    # error-corrected split products (invnet.splitmm) in the layers' big GEMMs; every other
+    # product of such a layer runs at full float32
+    "tf32_corrected": "highest",
+    "bf16_corrected": "highest",
 }
 
 Shape = tuple[int | None, ...]  # an event shape; None: any size on that axis
@@ -495,8 +499,11 @@ def set_precision(model: Bijector, precision: str) -> Bijector:
 
     ``"highest"`` (default): full float32 on every platform. ``"default"``: the platform's
     fast mode (TF32-like on NVIDIA GPUs: ~1e-3 relative error per product). ``"bf16x6"``,
-    ``"bf16x3"``, ``"tf32x3"`` (GPU only): multi-pass tensor-core algorithms. float64
-    inputs always run at full precision.
+    ``"bf16x3"``, ``"tf32x3"`` (GPU only): XLA's multi-pass tensor-core algorithms.
+    ``"tf32_corrected"`` / ``"bf16_corrected"``: error-corrected split products
+    (`invnet.splitmm`, Ootomo & Yokota 2022) for the GEMMs of `LULinear` (as written and
+    compiled): float32-level accuracy from tensor-core products on GPUs; exact but about 3x
+    slower on CPUs. float64 inputs always run at full precision.
     """
     check_precision(precision)
     for node in nodes(model):

@@ -15,7 +15,7 @@ from flax import nnx
 from registry import perturb
 
 import invnet
-from invnet.bench import OPS, SCHEMA, BenchReport
+from invnet.benchmarking import OPS, SCHEMA, BenchReport
 from invnet.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
