@@ -8,24 +8,31 @@ job                          call                             objective (default
 density p(x)                 ``fit(flow, x)``                 `MaximumLikelihood`
 conditional density p(x|c)   ``fit(flow, x, cond=c)``         `MaximumLikelihood`
 bijective regression x -> y  ``fit(model, x, y)``, same size  `Regression`
-inverse problem x -> [y, z]  ``fit(model, x, y)``, y smaller  `InverseProblem(y_dim)`
+inverse problem x -> [y, z]  ``fit(model, x, y, objective=``  `InverseProblem(y_dim)`
+                             ``InverseProblem(y_dim))``       (always given)
 ==========================  ===============================  ==========================
 
-How a run goes: the model is split once (``nnx.split``) into its graph, its trainable
-``nnx.Param`` state and the rest (buffers). Each epoch, the training set is shuffled with
-an explicit key (``jax.random.permutation``), cut into full batches, and one jitted
-function runs all of the epoch's optimizer steps in a ``jax.lax.scan`` (no Python per
-step). A step whose loss or gradients are not finite is not applied: parameters and
+How a run goes (each step is a module of `invnet.training`): the data is checked and
+arranged (``data``: rows, ``cond`` against the model, the objective, the validation split,
+the batch size); the model is split once (``nnx.split``) into its graph, its trainable
+``nnx.Param`` state and the rest (buffers), which with the optimizer state, keys, best
+parameters, counters and history form the `TrainState` (``state``). Each epoch
+(``epoch``), the training set is shuffled with an explicit key
+(``jax.random.permutation``), cut into full batches, and one jitted function runs all of
+the epoch's optimizer steps in a ``jax.lax.scan`` (no Python per step); it is cached, so a
+second `fit` of the same structure does not compile again. A step whose loss, gradients
+or resulting parameters/optimizer state are not finite is not applied: parameters and
 optimizer state keep their last finite values; ``on_nonfinite`` says whether training then
 goes on (``"skip"``), ends (``"stop"``) or raises (``"raise"``), and the history counts
-them. After each epoch: the validation loss, early stopping, checkpoints with `invnet.save`.
+them. After each epoch (``decision``): the validation loss, the best parameters, early
+stopping; then checkpoints with `invnet.save` (``checkpoints``).
 
-Data parallelism is a placement question only: `_Placement` decides where the training
-arrays and the state live. Without a mesh everything sits on the default device. With
-``mesh=`` (see `invnet.data_mesh`) each batch is split along its batch axis over the mesh's
-``"data"`` axis and the parameters, optimizer state and keys are replicated; the same jitted
-epoch function runs unchanged and XLA inserts the gradient all-reduce (``jax.sharding``,
-no hand-written communication).
+Data parallelism is a placement question only: `_Placement` (``placement``) decides where
+the training arrays and the state live. Without a mesh everything sits on the default
+device. With ``mesh=`` (see `invnet.data_mesh`) each batch is split along its batch axis
+over the mesh's ``"data"`` axis and the parameters, optimizer state and keys are
+replicated; the same jitted epoch function runs unchanged and XLA inserts the gradient
+all-reduce (``jax.sharding``, no hand-written communication).
 
 Resuming: every checkpoint `fit` writes also holds its optimizer state, keys, epoch counter,
 early-stopping counter, best parameters and history (see `invnet.resume`);
@@ -40,214 +47,25 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from invnet import resume
 from invnet.core import Bijector, nodes
 from invnet.io import save
 from invnet.layers.norm import data_init
-from invnet.objectives import InverseProblem, MaximumLikelihood, Regression
-from invnet.parallel import AXIS, data_mesh, replicate, to_host
+from invnet.training import checkpoints, data, epoch
+from invnet.training.decision import end_epoch
+from invnet.training.placement import _MeshPlacement, _Placement, _placement
+from invnet.training.state import History, NonFiniteStepWarning, TrainState
 
 __all__ = ["fit", "History", "NonFiniteStepWarning"]
-
-
-class NonFiniteStepWarning(RuntimeWarning):
-    """A training step had a non-finite loss or gradient and was not applied."""
-
-
-@dataclass
-class History:
-    """What `invnet.fit` did, epoch by epoch.
-
-    ``train_loss[e]``: mean loss of epoch ``e``'s applied (finite) steps. ``val_loss[e]``:
-    the validation loss after epoch ``e`` (empty without validation data). ``best_epoch``
-    and ``best_loss`` refer to the monitored loss (validation if given, else training).
-    ``nonfinite_steps`` counts steps not applied; ``nonfinite_at`` lists their global step
-    numbers (0-based). ``stop_reason`` is ``"epochs"``, ``"early_stopping"`` or
-    ``"nonfinite"``. ``epoch_seconds[e]``: wall time of epoch ``e`` (the first includes
-    compilation); ``seconds``: the whole call (after a resume: plus the earlier calls).
-    """
-
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    epochs: int = 0
-    steps: int = 0
-    best_epoch: int | None = None
-    best_loss: float | None = None
-    stop_reason: str = "epochs"
-    nonfinite_steps: int = 0
-    nonfinite_at: list[int] = field(default_factory=list)
-    checkpoints: list[str] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def stopped_early(self) -> bool:
-        return self.stop_reason == "early_stopping"
-
-
-class _Placement:
-    """Where arrays live. Single device: where JAX puts them; nothing moves."""
-
-    devices = 1
-
-    def data(self, tree):  # the training and validation arrays
-        return tree
-
-    def state(self, tree):  # parameters, optimizer state, buffers, per-epoch order and keys
-        return tree
-
-    def batches(self, tree):  # inside the jitted epoch: the (steps, batch, ...) stacks
-        return tree
-
-    def host(self, tree):  # results to read back or keep in the model
-        return tree
-
-
-class _MeshPlacement(_Placement):
-    """Data parallel over the ``"data"`` axis of ``mesh``.
-
-    Every batch is split along its batch axis (``NamedSharding(mesh, P(None, "data"))`` on
-    the stacked ``(steps, batch, ...)`` arrays, a sharding constraint inside the jitted
-    epoch); everything else is replicated. The training set itself is replicated, so each
-    device gathers its own rows of each shuffled batch without communication; the gradient
-    mean over the batch becomes an all-reduce that XLA inserts.
-    """
-
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-        self.devices = mesh.shape[AXIS]
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, AXIS))
-
-    def data(self, tree):
-        return replicate(tree, self.mesh)
-
-    def state(self, tree):
-        return replicate(tree, self.mesh)
-
-    def batches(self, tree):
-        return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
-
-    def host(self, tree):
-        # one copy in this process, back on the default device, uncommitted
-        return jax.tree.map(jnp.asarray, to_host(tree))
-
-
-def _placement(mesh) -> _Placement:
-    if mesh is None:
-        return _Placement()
-    if isinstance(mesh, str):
-        if mesh != "all":
-            raise ValueError(f'invnet.fit: mesh must be None, "all" or a jax Mesh, got {mesh!r}')
-        mesh = data_mesh()
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"invnet.fit: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if AXIS not in mesh.axis_names:
-        raise ValueError(
-            f"invnet.fit: the mesh has axes {mesh.axis_names}, none named {AXIS!r}; "
-            "build it with invnet.data_mesh()"
-        )
-    return _MeshPlacement(mesh)
-
-
-def _as_key(key) -> jax.Array:
-    if key is None:
-        return jax.random.key(0)
-    if isinstance(key, int | np.integer):
-        return jax.random.key(int(key))
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key
-        return jax.random.wrap_key_data(key)
-    return key
-
-
-def _collect(x, y, cond) -> dict[str, jax.Array]:
-    data = {"x": jnp.asarray(x)}
-    if y is not None:
-        data["y"] = jnp.asarray(y)
-    if cond is not None:
-        data["cond"] = jnp.asarray(cond)
-    n = data["x"].shape[0]
-    for name, arr in data.items():
-        if arr.ndim < 1 or arr.shape[0] != n:
-            raise ValueError(
-                f"invnet.fit: {name} has {arr.shape[0] if arr.ndim else 0} rows, x has {n}; "
-                "every array needs one row per sample"
-            )
-    return data
-
-
-def _default_objective(model: Bijector, data: dict) -> Callable:
-    if "y" not in data:
-        return MaximumLikelihood()
-    y_dim, x_dim = data["y"].shape[-1], data["x"].shape[-1]
-    if y_dim == x_dim:
-        return Regression()
-    if y_dim < x_dim:
-        return InverseProblem(y_dim=y_dim)
-    raise ValueError(
-        f"invnet.fit: y has {y_dim} features but x only {x_dim}; a bijection cannot map x "
-        "to more numbers than it has"
-    )
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
-
-
-def _select(pred, on_true, on_false):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def _make_epoch_fn(graphdef, objective, tx, batch_size: int, halt_on_nonfinite: bool, placement):
-    """A jitted function running one epoch of optimizer steps with ``lax.scan``."""
-
-    def step(carry, inputs):
-        params, opt_state, rest, halted = carry
-        batch, key = inputs
-
-        def loss_fn(p):
-            return objective(nnx.merge(graphdef, p, rest, copy=True), batch, key)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        apply = finite & ~halted
-        params = _select(apply, new_params, params)
-        opt_state = _select(apply, new_opt_state, opt_state)
-        if halt_on_nonfinite:
-            halted = halted | ~finite
-        return (params, opt_state, rest, halted), (loss, finite)
-
-    @jax.jit
-    def run_epoch(params, opt_state, rest, data, order, keys):
-        n_steps = keys.shape[0]
-        batches = jax.tree.map(lambda a: a[order].reshape(n_steps, batch_size, *a.shape[1:]), data)
-        batches = placement.batches(batches)
-        carry = (params, opt_state, rest, jnp.asarray(False))
-        (params, opt_state, _, _), (losses, finite) = jax.lax.scan(step, carry, (batches, keys))
-        return params, opt_state, losses, finite
-
-    return run_epoch
-
-
-def _make_eval_fn(graphdef, objective):
-    @jax.jit
-    def evaluate(params, rest, batch, key):
-        return objective(nnx.merge(graphdef, params, rest), batch, key)
-
-    return evaluate
+_ = (_Placement, _MeshPlacement, _placement)  # re-exported for tests and tools
 
 
 def fit(
@@ -282,15 +100,23 @@ def fit(
     Args:
         model: any invnet `Bijector` (a `invnet.Flow` for densities).
         x, y, cond: training arrays, one row per sample. ``y`` for supervised jobs,
-            ``cond`` for conditional models (cINN). See the module docs for which
-            ``objective`` is chosen when none is given.
+            ``cond`` for conditional models (cINN): given exactly when the model has a
+            conditional layer, of width ``model.cond_dim`` (else a ``ValueError`` before
+            training). See the module docs for which ``objective`` is chosen when none is
+            given; a ``y`` not of ``x``'s shape needs an explicit objective.
         objective: ``objective(model, batch, key) -> loss``; `invnet.MaximumLikelihood`,
-            `invnet.Regression`, `invnet.InverseProblem` or your own.
+            `invnet.Regression`, `invnet.InverseProblem` or your own. It is traced once per
+            model structure and reused by later calls with the same objective object: a
+            Python value it reads from outside is fixed at that trace, as under
+            ``jax.jit`` (`invnet.training.epoch.clear_cache` forgets the traces).
         val_data: ``{"x": ..., "y": ..., "cond": ...}`` (only the keys the job uses), or
             ``val_fraction`` of the training rows held out (drawn with ``key``).
-        optimizer: an optax transformation; default ``optax.adam(learning_rate)``.
-        epochs, batch_size, shuffle: each epoch runs ``len(x) // batch_size`` steps on full
-            batches of a fresh permutation (the remainder rows wait for the next epoch).
+        optimizer: an optax transformation; default ``optax.adam(learning_rate)``. The
+            compiled epoch is reused by later calls with the same optimizer object (and
+            model structure, objective, batch size and shapes).
+        epochs, batch_size, shuffle: each epoch runs ``n // batch_size`` steps on full
+            batches of a fresh permutation of the ``n`` training rows (the remainder rows
+            wait for the next epoch); ``batch_size > n`` is a ``ValueError``.
             ``epochs`` is the total, counting the epochs of a resumed run.
         key: int seed or PRNG key: the split, the shuffles and the per-step keys.
         patience, min_delta: stop after ``patience`` epochs without the monitored loss
@@ -311,7 +137,8 @@ def fit(
             `jax.sharding.Mesh` with a ``"data"`` axis (`invnet.data_mesh`): each batch is
             split over that axis, parameters and optimizer state are replicated. The batch
             size must be a multiple of the number of devices on the axis.
-        on_nonfinite: a step with a non-finite loss or gradient is never applied. Then
+        on_nonfinite: a step with a non-finite loss, gradient or update (new parameters
+            or optimizer state) is never applied. Then
             ``"skip"`` goes on, ``"stop"`` ends training, ``"raise"`` raises
             ``FloatingPointError``. Each epoch with such steps issues a
             `NonFiniteStepWarning`.
@@ -330,217 +157,129 @@ def fit(
         >>> history.train_loss[-1] < history.train_loss[0]
         True
     """
+    _check_arguments(model, on_nonfinite, epochs, batch_size, learning_rate)
+    clock = _Clock()
+    placement = _placement(mesh)
+    prepared = data.prepare(
+        model, x, y, cond, objective=objective, val_data=val_data, val_fraction=val_fraction,
+        batch_size=batch_size, key=key, devices=placement.devices,
+    )  # fmt: skip
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    run = _run_info(prepared, shuffle, ckpt_dir is not None or resume_from is not None)
+    ckpt = _open_checkpoint(resume_from, model, run)
+    _initialise_from_data(model, prepared.train, eval_batch_size)
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optimizer if optimizer is not None else epoch.default_optimizer(learning_rate)
+    state = TrainState.start(params, rest, tx, prepared.key)
+    if ckpt is not None:
+        state.restore(ckpt)
+    clock.before = state.history.seconds
+    state.place(placement)
+    epochs_run = epoch.Epochs(graphdef, prepared, tx, placement, shuffle=shuffle,
+                              halt=on_nonfinite != "skip", eval_batch_size=eval_batch_size,
+                              val_key=state.val_key)  # fmt: skip
+
+    def write(name: str, model_params) -> None:
+        _write_checkpoint(ckpt_dir / name, model, state, model_params, run, placement, clock())
+
+    bar = tqdm(range(state.next_epoch, epochs), desc="invnet.fit", unit="epoch",
+               disable=not progress, leave=False)  # fmt: skip
+    for _ in bar:
+        t_epoch = time.perf_counter()
+        losses, finite, val_loss = epochs_run.run(state)
+        end = end_epoch(state, losses, finite, val_loss, on_nonfinite=on_nonfinite,
+                        patience=patience, min_delta=min_delta)  # fmt: skip
+        if end.nonfinite and on_nonfinite == "raise":
+            nnx.update(model, placement.host(state.params))
+            raise FloatingPointError(end.nonfinite)
+        if end.nonfinite:
+            warnings.warn(end.nonfinite, NonFiniteStepWarning, stacklevel=2)
+        state.history.epoch_seconds.append(time.perf_counter() - t_epoch)
+        if ckpt_dir is not None and save_best and end.improved:
+            write("best.invnet", state.params)
+        if ckpt_dir is not None and checkpoint_every and state.next_epoch % checkpoint_every == 0:
+            write(f"epoch_{state.next_epoch:04d}.invnet", state.params)
+        bar.set_postfix(_postfix(state.history), refresh=False)
+        if end.stop:
+            break
+    bar.close()
+
+    final = state.params
+    if restore_best and state.history.val_loss and state.best is not None:
+        final = state.best
+    if ckpt_dir is not None:
+        write("last.invnet", final)
+    nnx.update(model, placement.host(final))
+    state.history.seconds = clock()
+    return state.history
+
+
+class _Clock:
+    """Seconds of this run: this call's wall time plus those of the calls it resumes."""
+
+    def __init__(self):
+        self.start, self.before = time.perf_counter(), 0.0
+
+    def __call__(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+def _check_arguments(model, on_nonfinite: str, epochs: int, batch_size: int, learning_rate):
     if not isinstance(model, Bijector):
         raise TypeError(f"invnet.fit: expected an invnet Bijector, got {type(model).__name__}")
     if on_nonfinite not in ("skip", "stop", "raise"):
         raise ValueError(f"invnet.fit: on_nonfinite must be skip|stop|raise, got {on_nonfinite!r}")
     if epochs < 0 or batch_size < 1:
         raise ValueError("invnet.fit: epochs must be >= 0 and batch_size >= 1")
-    t_start = time.perf_counter()
-    placement = _placement(mesh)
-    key = _as_key(key)
-    data = _collect(x, y, cond)
-    objective = objective if objective is not None else _default_objective(model, data)
-
-    if val_data is None and val_fraction > 0:
-        n = data["x"].shape[0]
-        n_val = max(1, int(round(val_fraction * n)))
-        key, k_split = jax.random.split(key)
-        perm = jax.random.permutation(k_split, n)
-        val_data = {k: v[perm[:n_val]] for k, v in data.items()}
-        data = {k: v[perm[n_val:]] for k, v in data.items()}
-    elif val_data is not None:
-        val_data = {k: jnp.asarray(v) for k, v in val_data.items() if v is not None}
-        missing = set(data) - set(val_data)
-        if missing:
-            raise ValueError(f"invnet.fit: val_data lacks {sorted(missing)}")
-
-    n_train = data["x"].shape[0]
-    if n_train == 0:
-        raise ValueError("invnet.fit: no training rows")
-    batch_size = min(batch_size, n_train)
-    if batch_size % placement.devices:
-        d = placement.devices
-        lower, upper = batch_size - batch_size % d, batch_size + d - batch_size % d
+    if isinstance(learning_rate, int | float) and not math.isfinite(learning_rate):
         raise ValueError(
-            f"invnet.fit: batch_size {batch_size} is not divisible by the {d} devices of the "
-            f"mesh's {AXIS!r} axis; use a multiple of {d} (e.g. {lower or upper} or {upper})"
+            f"invnet.fit: learning_rate must be a finite number, got {learning_rate!r}"
         )
-    steps_per_epoch = n_train // batch_size
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    data_sha256 = (
-        resume.fingerprint(data, val_data) if (ckpt_dir or resume_from is not None) else None
-    )
 
-    ckpt = None
-    if resume_from is not None:
-        ckpt = resume.Checkpoint(resume_from)
-        ckpt.check_run(model, batch_size=batch_size, shuffle=shuffle, data_sha256=data_sha256)
-        nnx.update(model, nnx.state(ckpt.model))  # parameters and buffers of the file
 
-    # ActNorm's data-dependent init cannot happen inside a pure jit: do it eagerly now.
+def _run_info(prepared: data.TrainingData, shuffle: bool, fingerprint: bool):
+    """What a checkpoint of this run records (the data's sha256 only when it is needed)."""
+    sha256 = resume.fingerprint(prepared.train, prepared.val) if fingerprint else None
+    return checkpoints.RunInfo(prepared.batch_size, shuffle, prepared.n_train, sha256)
+
+
+def _initialise_from_data(model: Bijector, train: dict, rows: int) -> None:
+    """ActNorm's data-dependent init cannot happen inside a pure jit: do it eagerly now."""
     if any(node.not_ready() for node in nodes(model)):
-        head = {k: v[:eval_batch_size] for k, v in data.items()}
+        head = {k: v[:rows] for k, v in train.items()}
         data_init(model, head["x"], cond=head.get("cond"))
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optimizer if optimizer is not None else optax.adam(learning_rate)
-    opt_state = tx.init(params)
-    key, val_key = jax.random.split(key)
-    history, bad_epochs, best_params, start_epoch = History(), 0, None, 0
-    if ckpt is not None:
-        opt_state = ckpt.opt_state(opt_state)
-        best_params = ckpt.params("best", params)
-        loop_params = ckpt.params("params", params)
-        params = loop_params if loop_params is not None else params
-        key, val_key = ckpt.key("key"), ckpt.key("val_key")
-        history = History(**ckpt.history({f.name for f in fields(History)}))
-        bad_epochs, start_epoch = ckpt.state["bad_epochs"], ckpt.state["next_epoch"]
-        if ckpt.state["has_best"] and best_params is None:
-            best_params = params  # the best were the loop's parameters
 
-    data = placement.data(data)
-    if val_data is not None:
-        val_data = placement.data(val_data)
-    best_is_loop = best_params is params
-    params, opt_state, rest = placement.state((params, opt_state, rest))
-    if best_params is not None:
-        best_params = params if best_is_loop else placement.state(best_params)
-
-    run_epoch = _make_epoch_fn(
-        graphdef, objective, tx, batch_size, on_nonfinite != "skip", placement
+def _open_checkpoint(resume_from, model: Bijector, run: checkpoints.RunInfo):
+    """The checkpoint to resume from, checked against this run; the model takes its
+    parameters and buffers. ``None`` without ``resume_from``."""
+    if resume_from is None:
+        return None
+    ckpt = resume.Checkpoint(resume_from)
+    ckpt.check_run(
+        model, batch_size=run.batch_size, shuffle=run.shuffle, data_sha256=run.data_sha256
     )
-    evaluate = _make_eval_fn(graphdef, objective)
-    placed_val_key = placement.state(val_key)
+    nnx.update(model, nnx.state(ckpt.model))
+    return ckpt
 
-    def val_loss(p) -> float:
-        n = val_data["x"].shape[0]
-        total = 0.0
-        for start in range(0, n, eval_batch_size):
-            chunk = {k: v[start : start + eval_batch_size] for k, v in val_data.items()}
-            rows = chunk["x"].shape[0]
-            total += float(placement.host(evaluate(p, rest, chunk, placed_val_key))) * rows
-        return total / n
 
-    seconds_before = history.seconds
+def _write_checkpoint(
+    path: Path, model: Bijector, state: TrainState, model_params, run, placement, seconds: float
+) -> None:
+    """Write ``path``: the model at ``model_params`` plus the loop state after its epoch."""
+    if jax.process_index() != 0:  # multi-host: one writer
+        return
+    nnx.update(model, placement.host(model_params))
+    state.history.seconds = seconds
+    if str(path) not in state.history.checkpoints:
+        state.history.checkpoints.append(str(path))
+    meta, extra = checkpoints.contents(state, model_params, run, placement)
+    save(model, path, metadata=meta, extra_arrays=extra)
 
-    def checkpoint(name: str, model_params, loop_params, epoch: int) -> None:
-        """Write ``name``: the model at ``model_params`` plus the loop state after ``epoch``."""
-        if jax.process_index() != 0:  # multi-host: one writer
-            return
-        nnx.update(model, placement.host(model_params))
-        history.seconds = seconds_before + time.perf_counter() - t_start
-        if str(ckpt_dir / name) not in history.checkpoints:
-            history.checkpoints.append(str(ckpt_dir / name))
-        meta = {
-            "epoch": epoch,
-            "train_loss": history.train_loss[-1] if history.train_loss else None,
-            "fit": {
-                "version": resume.STATE_VERSION,
-                "next_epoch": epoch + 1,
-                "history": asdict(history),
-                "bad_epochs": bad_epochs,
-                "has_best": best_params is not None,
-                "batch_size": batch_size,
-                "shuffle": shuffle,
-                "n_train": n_train,
-                "data_sha256": data_sha256,
-                "key_impl": str(jax.random.key_impl(key)),
-            },
-        }
-        if history.val_loss:
-            meta["val_loss"] = history.val_loss[-1]
-        keep_best = best_params is not None and best_params is not loop_params
-        extra = resume.pack(
-            opt_state=placement.host(opt_state),
-            key=key,
-            val_key=val_key,
-            loop_params=None if model_params is loop_params else placement.host(loop_params),
-            best_params=placement.host(best_params) if keep_best else None,
-        )
-        save(model, ckpt_dir / name, metadata=meta, extra_arrays=extra)
 
-    bar = tqdm(
-        range(start_epoch, epochs), desc="invnet.fit", unit="epoch", disable=not progress,
-        leave=False,
-    )  # fmt: skip
-    epoch = start_epoch - 1
-    for epoch in bar:
-        t_epoch = time.perf_counter()
-        key, k_perm, k_steps = jax.random.split(key, 3)
-        if shuffle:
-            order = jax.random.permutation(k_perm, n_train)[: steps_per_epoch * batch_size]
-        else:
-            order = jnp.arange(steps_per_epoch * batch_size)
-        keys = jax.random.split(k_steps, steps_per_epoch)
-        order, keys = placement.state((order, keys))
-        params, opt_state, losses, finite = run_epoch(params, opt_state, rest, data, order, keys)
-        losses, finite = np.asarray(placement.host(losses)), np.asarray(placement.host(finite))
-        if on_nonfinite != "skip" and not finite.all():
-            first = int(np.argmin(finite))  # the steps after it were no-ops: drop them
-            losses, finite = losses[: first + 1], finite[: first + 1]
-        bad = np.flatnonzero(~finite)
-        history.nonfinite_at.extend(int(history.steps + i) for i in bad)
-        history.nonfinite_steps += len(bad)
-        history.steps += len(finite)
-        history.train_loss.append(float(losses[finite].mean()) if finite.any() else math.nan)
-        if val_data is not None:
-            history.val_loss.append(val_loss(params))
-        history.epochs = epoch + 1
-
-        if len(bad):
-            action = {
-                "skip": "skipped them and went on",
-                "stop": "stopped training",
-                "raise": "raising FloatingPointError",
-            }[on_nonfinite]
-            message = (
-                f"invnet.fit: {len(bad)} step(s) in epoch {epoch} had a non-finite loss or "
-                f"gradient (global steps {history.nonfinite_at[-len(bad) :][:10]}); their "
-                "updates were not applied, parameters and optimizer state keep their last "
-                f"finite values; {action} (on_nonfinite={on_nonfinite!r}). "
-                f"Non-finite steps so far: {history.nonfinite_steps}."
-            )
-            if on_nonfinite == "raise":
-                nnx.update(model, placement.host(params))
-                raise FloatingPointError(message)
-            warnings.warn(message, NonFiniteStepWarning, stacklevel=2)
-
-        monitored = history.val_loss[-1] if history.val_loss else history.train_loss[-1]
-        improved = math.isfinite(monitored) and (
-            history.best_loss is None or monitored < history.best_loss - min_delta
-        )
-        if improved:
-            history.best_loss, history.best_epoch = monitored, epoch
-            best_params, bad_epochs = params, 0
-        else:
-            bad_epochs += 1
-        stop = None
-        if len(bad) and on_nonfinite == "stop":
-            stop = "nonfinite"
-        elif patience is not None and bad_epochs >= patience:
-            stop = "early_stopping"
-        history.stop_reason = stop or "epochs"
-        history.epoch_seconds.append(time.perf_counter() - t_epoch)
-
-        # checkpoints: snapshots of the state after this epoch, each one resumable
-        if ckpt_dir is not None and save_best and improved:
-            checkpoint("best.invnet", params, params, epoch)
-        if ckpt_dir is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
-            checkpoint(f"epoch_{epoch + 1:04d}.invnet", params, params, epoch)
-        postfix = {"train": f"{history.train_loss[-1]:.4f}"}
-        if history.val_loss:
-            postfix["val"] = f"{history.val_loss[-1]:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        if stop:
-            break
-    bar.close()
-
-    final = params
-    if restore_best and history.val_loss and best_params is not None:
-        final = best_params
-    if ckpt_dir is not None:
-        checkpoint("last.invnet", final, params, epoch)
-    nnx.update(model, placement.host(final))
-    history.seconds = seconds_before + time.perf_counter() - t_start
-    return history
+def _postfix(history: History) -> dict[str, str]:
+    postfix = {"train": f"{history.train_loss[-1]:.4f}"}
+    if history.val_loss:
+        postfix["val"] = f"{history.val_loss[-1]:.4f}"
+    return postfix

@@ -1,0 +1,76 @@
+"""Where `invnet.fit`'s arrays live: one device, or data parallel over a mesh.
+
+Moved from ``invnet/train.py`` unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from invnet.parallel import AXIS, data_mesh, replicate, to_host
+
+
+class _Placement:
+    """Where arrays live. Single device: where JAX puts them; nothing moves."""
+
+    devices = 1
+
+    def data(self, tree):  # the training and validation arrays
+        return tree
+
+    def state(self, tree):  # parameters, optimizer state, buffers, per-epoch order and keys
+        return tree
+
+    def batches(self, tree):  # inside the jitted epoch: the (steps, batch, ...) stacks
+        return tree
+
+    def host(self, tree):  # results to read back or keep in the model
+        return tree
+
+
+class _MeshPlacement(_Placement):
+    """Data parallel over the ``"data"`` axis of ``mesh``.
+
+    Every batch is split along its batch axis (``NamedSharding(mesh, P(None, "data"))`` on
+    the stacked ``(steps, batch, ...)`` arrays, a sharding constraint inside the jitted
+    epoch); everything else is replicated. The training set itself is replicated, so each
+    device gathers its own rows of each shuffled batch without communication; the gradient
+    mean over the batch becomes an all-reduce that XLA inserts.
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.devices = mesh.shape[AXIS]
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, AXIS))
+
+    def data(self, tree):
+        return replicate(tree, self.mesh)
+
+    def state(self, tree):
+        return replicate(tree, self.mesh)
+
+    def batches(self, tree):
+        return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
+
+    def host(self, tree):
+        # one copy in this process, back on the default device, uncommitted
+        return jax.tree.map(jnp.asarray, to_host(tree))
+
+
+def _placement(mesh) -> _Placement:
+    if mesh is None:
+        return _Placement()
+    if isinstance(mesh, str):
+        if mesh != "all":
+            raise ValueError(f'invnet.fit: mesh must be None, "all" or a jax Mesh, got {mesh!r}')
+        mesh = data_mesh()
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"invnet.fit: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"invnet.fit: the mesh has axes {mesh.axis_names}, none named {AXIS!r}; "
+            "build it with invnet.data_mesh()"
+        )
+    return _MeshPlacement(mesh)
