@@ -171,9 +171,45 @@ def markdown(results: dict) -> str:
             ],
         )
         lines.append("")
+    lines += _fastpath(sec)
     for name, why in results.get("skipped", {}).items():
         lines.append(f"- {name}: {why}")
     return "\n".join(lines) + "\n"
+
+
+def _fastpath(sec) -> list[str]:
+    """Tables of the ``flows``, ``layers`` and ``flow_peers`` sections."""
+    lines: list[str] = []
+    if sec.get("flows"):
+        lines += ["### Sampling and densities: compiled by default vs hand-jitted vs eager", ""]
+        lines += _table(
+            sec["flows"],
+            ["call", "model", "dim", "n", "default_ms", "hand_jit_ms", "default/hand_jit",
+             "eager_ms", "first_call_default_s", "first_call_hand_jit_s"],
+        )  # fmt: skip
+        lines.append("")
+    layer_rows = [r for r in sec.get("layers", []) if "compiled/jit forward" in r]
+    if layer_rows:
+        lines += ["### Per layer: invnet.compile vs plain jit, and the default calls", ""]
+        cols = [k for k in layer_rows[0] if k not in ("layer", "dim", "batch")]
+        lines += _table(layer_rows, ["layer", "dim", "batch", *cols])
+        lines.append("")
+    for r in sec.get("layers", []):
+        if "overhead us" in r or "bias before GEMM ms" in r:
+            lines.append("- " + ", ".join(f"{k}: {_fmt(v)}" for k, v in r.items()))
+    if sec.get("flow_peers"):
+        r0 = sec["flow_peers"][0]
+        lines += [
+            "",
+            f"### Peers: RealNVP-style flow (n={r0['n']} samples / densities, training batch "
+            f"{r0['train_batch']})",
+            "",
+        ]
+        lines += _table(
+            sec["flow_peers"], ["lib", "dim", "sample_ms", "log_prob_ms", "train_step_ms"]
+        )
+    lines.append("")
+    return lines
 
 
 def plot(results: dict, path) -> str | None:

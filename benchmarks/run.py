@@ -18,6 +18,13 @@ Sections (``--only`` picks some):
 * ``reversible``: reversible vs ordinary backprop, XLA temp memory and step time vs depth.
 * ``peers``: distrax / flowjax LU layers with the same weights (in this interpreter if they
   import, else in ``--peers-python``; skipped with a message otherwise).
+* ``flows``: ``Flow.sample`` / ``log_prob`` as users call them (compiled by default) vs
+  hand-jitted vs eager, with first-call (compile) times (``benchmarks/flows.py``).
+* ``layers``: per layer, ``invnet.compile`` (with and without the log-det) vs plain jit and
+  the layers' default calls; dispatch overhead; LU inverse bias before/after the GEMM.
+* ``flow_peers``: a RealNVP-style flow in invnet, distrax and flowjax: sampling,
+  log-density and an Adam training step (``benchmarks/flow_peers.py``; skipped with a
+  message when the peers do not import).
 
 Timing: every function is jitted and run once to compile; then interleaved samples, each
 ending in ``block_until_ready``; the median is reported. All arrays are float32.
@@ -35,7 +42,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("lu", "models", "gd", "accuracy", "precision", "reversible", "peers")
+SECTIONS = (
+    "lu",
+    "models",
+    "gd",
+    "accuracy",
+    "precision",
+    "reversible",
+    "peers",
+    "flows",
+    "layers",
+    "flow_peers",
+)
 
 
 def parse_args(argv=None):
@@ -60,6 +78,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _fast_sizes(flow_dims, flow_n, flow_batch, flow_blocks, flow_hidden, layer_dims):
+    """Sizes of the ``flows`` / ``layers`` / ``flow_peers`` sections."""
+    return dict(
+        flow_dims=flow_dims,
+        flow_n=flow_n,
+        flow_batch=flow_batch,
+        flow_blocks=flow_blocks,
+        flow_hidden=flow_hidden,
+        layer_dims=layer_dims,
+    )
+
+
 def sizes(args) -> dict:
     gpu = args.device == "gpu"
     if args.tiny:
@@ -81,6 +111,7 @@ def sizes(args) -> dict:
             repeats=2,
             eager_max_dim=8,
             naive_max_dim=16,
+            **_fast_sizes([4], 64, 32, 2, 8, [8]),
         )
     if args.quick:
         return dict(
@@ -101,6 +132,7 @@ def sizes(args) -> dict:
             repeats=3,
             eager_max_dim=64,
             naive_max_dim=256,
+            **_fast_sizes([8, 64], 8192, 256, 4, 64, [64, 256]),
         )
     return dict(
         lu_dims=[64, 256, 1024, 4096],
@@ -120,6 +152,7 @@ def sizes(args) -> dict:
         repeats=7,
         eager_max_dim=256,
         naive_max_dim=4096 if gpu else 1024,
+        **_fast_sizes([8, 64], 65536, 1024, 10, 64, [64, 256, 1024]),
     )
 
 

@@ -316,3 +316,28 @@ def peers(cfg, args):
             f"{proc.stderr.strip().splitlines()[-1:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
+def flows(cfg, args):
+    import flows as flows_mod
+
+    return flows_mod.flows(cfg, args)
+
+
+def layers(cfg, args):
+    import flows as flows_mod
+
+    return flows_mod.layers(cfg, args)
+
+
+def flow_peers(cfg, args):
+    import flow_peers as peers_mod
+
+    return peers_mod.measure(
+        cfg["flow_dims"],
+        cfg["flow_n"],
+        cfg["flow_batch"],
+        cfg["flow_blocks"],
+        cfg["flow_hidden"],
+        cfg["repeats"],
+    )

@@ -1,4 +1,5 @@
-"""invnet.compile: compiled equals eager, never stale, inverse-method accuracy bounds.
+"""invnet.compile (module invnet.compiled): compiled equals eager, never stale (also
+inside a jit), y-only calls, inverse-method accuracy bounds.
 
 Tolerances: float64 compares compiled and eager to 1e-10 relative (they differ only by the
 order of rounding: one dense GEMM vs two triangular products). float32 to 2e-5 relative
@@ -174,3 +175,40 @@ def test_inverse_method_accuracy_bound(method, kappa):
     x_hat = invnet.compile(layer, lu_inverse=method).inverse(jnp.asarray(y))[0]
     err = np.abs(np.asarray(x_hat, np.float64) - x).max() / np.abs(x).max()
     assert err <= 30 * np.finfo(np.float32).eps * np.linalg.cond(w)
+
+
+def test_y_only_calls_equal_the_full_ones():
+    layer = perturb(invnet.LULinear(DIM, rngs=nnx.Rngs(0)), 0.2)
+    x = jax.random.normal(jax.random.key(2), (5, DIM))
+    fast = invnet.compile(invnet.Sequential(layer, invnet.LeakyReLU(0.5)))
+    y, _ = fast.forward(x)
+    assert jnp.array_equal(fast.apply(x), y)
+    assert jnp.array_equal(fast.apply_inverse(y), fast.inverse(y)[0])
+
+
+def test_captured_in_a_users_jit_is_refused_and_pure_functions_stay_fresh():
+    """A jitted closure over a Compiled object used to return the old model's output after
+    an update (the freshness check only ran while tracing); now it is refused, and the pure
+    functions take the snapshot as an argument."""
+    model = perturb(invnet.Sequential(invnet.LULinear(DIM, rngs=nnx.Rngs(0))), 0.2)
+    x = jax.random.normal(jax.random.key(2), (5, DIM))
+    fast = invnet.compile(model)
+    with pytest.raises(invnet.CompiledTraceError, match="pure"):
+        jax.jit(lambda v: fast.forward(v)[0])(x)
+    with pytest.raises(invnet.CompiledTraceError):
+        jax.jit(lambda: fast.inverse(x)[0])()  # x closed over: still inside the trace
+    with pytest.raises(invnet.CompiledTraceError):
+        jax.vmap(fast.apply)(x)
+    fns, snapshot = fast.pure()
+    jf = jax.jit(lambda s, v: fns.forward(s, v)[0])
+    assert _rel(jf(snapshot, x), fast.forward(x)[0]) <= 1e-6
+    perturb(model, 0.05, seed=7)  # an optimizer step would do the same
+    with pytest.raises(invnet.StaleCompiledError):
+        fast.pure()
+    fns_new, snapshot = fast.refresh().pure()
+    assert fns_new.forward is fns.forward  # same functions: no recompilation
+    with invnet.eager():
+        expected = model.forward(x)[0]
+    assert _rel(jf(snapshot, x), expected) <= 2e-5
+    x_back = jax.jit(lambda s, v: fns.apply_inverse(s, v))(snapshot, expected)
+    assert _rel(x_back, x) <= 2e-5

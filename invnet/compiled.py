@@ -29,6 +29,18 @@ same arrays and precision settings; after any change (an optimizer step, ``nnx.u
 rebuilds the precomputed matrices from the current state without recompiling when shapes
 are unchanged.
 
+Inside your own ``jax.jit`` / ``vmap`` / ``grad``, a captured `Compiled` object would bake
+its snapshot into that trace as constants, where no later check can see it go stale; so its
+methods refuse to run there (`CompiledTraceError`). Use the pure form, which takes the
+snapshot as an argument: ``fns, snapshot = fast.pure()`` and
+``jax.jit(lambda s, x: fns.forward(s, x))(snapshot, x)``; after an update, ``fast.refresh()``
+and ``fast.pure()`` give the new snapshot (same functions, no recompilation).
+
+``fast.apply(x)`` / ``fast.apply_inverse(y)`` return ``y`` / ``x`` alone: XLA then drops
+the log-det work, which for elementwise layers costs more than the map itself.
+
+The module is ``invnet.compiled``; ``invnet.compile`` is the function.
+
 Accuracy of the LU inverse methods, measured (``python benchmarks/inverse_accuracy.py``:
 float32 layer from ``W = Q1 diag(s) Q2^T``, D=256, batch 512, CPU, precision "highest";
 relative error ``max|x_hat - x| / max|x|`` where ``y = W x + b`` was formed in float64 and
@@ -76,14 +88,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
 
 from invnet.core import Bijector, nodes, using_prepared
 
-__all__ = ["compile", "Compiled", "StaleCompiledError", "LU_INVERSE_METHODS"]
+__all__ = [
+    "compile",
+    "Compiled",
+    "CompiledTraceError",
+    "PureFunctions",
+    "StaleCompiledError",
+    "LU_INVERSE_METHODS",
+]
 
 LU_INVERSE_METHODS = ("matrix", "matrix+refine", "solve")
 
@@ -100,6 +120,48 @@ def _check_platform(model: Bijector) -> None:
             f"here is {jax.default_backend()!r}. Use 'highest' (exact float32) or 'bf16x6' "
             "there: invnet.set_precision(model, 'highest')"
         )
+
+
+class CompiledTraceError(RuntimeError):
+    """A `Compiled` method was called inside a jax transformation (``jit``, ``vmap``,
+    ``grad``): its snapshot would be baked into that trace as constants and go stale
+    without a word after the next update. Use `Compiled.pure` there."""
+
+
+_TRACE_MESSAGE = (
+    "Compiled.{method} was called inside a jax transformation (jit, vmap, grad, scan): the "
+    "snapshot of the parameters would be baked into that trace and silently go stale after "
+    "the next update. Pass the snapshot as an argument instead: fns, snapshot = "
+    "fast.pure(); jax.jit(lambda s, x: fns.{method}(s, x))(snapshot, x). Or call the model "
+    "itself (model.forward / model.inverse), which traces as written"
+)
+
+
+class PureFunctions(NamedTuple):
+    """The jitted pure functions of a `Compiled` model: each is ``f(snapshot, x, cond=None)``."""
+
+    forward: Callable
+    inverse: Callable
+    log_det: Callable
+    apply: Callable
+    apply_inverse: Callable
+
+
+def _pure_function(compiled: Compiled, direction: str):
+    graphdef, treedef = compiled._graphdef, compiled._treedef
+
+    def run(consts, x, cond=None):
+        state, extras = jax.tree.unflatten(treedef, consts)
+        model = nnx.merge(graphdef, state)
+        table = {id(n): e for n, e in zip(nodes(model), extras, strict=True) if e is not None}
+        with using_prepared(table):
+            if direction in ("inverse", "apply_inverse"):
+                x, log_det = model.inverse(x, cond=cond)
+                return x if direction == "apply_inverse" else (x, log_det)
+            y, log_det = model.forward(x, cond=cond)
+        return {"log_det": log_det, "apply": y}.get(direction, (y, log_det))
+
+    return run
 
 
 class Compiled:
@@ -176,37 +238,52 @@ class Compiled:
     # ------------------------------------------------------------------------- calls
     def _fn(self, direction: str):
         if direction not in self._jitted:
-            graphdef, treedef = self._graphdef, self._treedef
-
-            def run(consts, x, cond):
-                state, extras = jax.tree.unflatten(treedef, consts)
-                model = nnx.merge(graphdef, state)
-                table = {
-                    id(n): e for n, e in zip(nodes(model), extras, strict=True) if e is not None
-                }
-                with using_prepared(table):
-                    if direction == "inverse":
-                        return model.inverse(x, cond=cond)
-                    y, log_det = model.forward(x, cond=cond)
-                return log_det if direction == "log_det" else (y, log_det)
-
-            self._jitted[direction] = jax.jit(run)
+            self._jitted[direction] = jax.jit(_pure_function(self, direction))
         return self._jitted[direction]
+
+    def _call(self, direction: str, x, cond):
+        if isinstance(x, jax.core.Tracer) or isinstance(cond, jax.core.Tracer):
+            raise CompiledTraceError(_TRACE_MESSAGE.format(method=direction))
+        self._check_fresh()
+        out = self._fn(direction)(self._consts, x, cond)
+        if isinstance(jax.tree.leaves(out)[0], jax.core.Tracer):  # inputs closed over by a trace
+            raise CompiledTraceError(_TRACE_MESSAGE.format(method=direction))
+        return out
 
     def forward(self, x, *, cond=None):
         """``(y, log_det)`` of the model at the snapshot, as one compiled call."""
-        self._check_fresh()
-        return self._fn("forward")(self._consts, x, cond)
+        return self._call("forward", x, cond)
 
     def inverse(self, y, *, cond=None):
         """``(x, log_det)``: the exact inverse with the chosen ``lu_inverse`` method."""
-        self._check_fresh()
-        return self._fn("inverse")(self._consts, y, cond)
+        return self._call("inverse", y, cond)
 
     def log_det(self, x, *, cond=None):
         """Only the forward log-det (XLA drops work the log-det does not need)."""
+        return self._call("log_det", x, cond)
+
+    def apply(self, x, *, cond=None):
+        """Only ``y = f(x)``, no log-det: the least work (for elementwise layers the
+        log-det costs more than the map)."""
+        return self._call("apply", x, cond)
+
+    def apply_inverse(self, y, *, cond=None):
+        """Only ``x = f^{-1}(y)``, no log-det."""
+        return self._call("apply_inverse", y, cond)
+
+    def pure(self) -> tuple[PureFunctions, list]:
+        """``(functions, snapshot)`` for use inside your own ``jax.jit`` / ``vmap`` /
+        ``grad``: each of ``functions.forward``, ``.inverse``, ``.log_det``, ``.apply``,
+        ``.apply_inverse`` is a jitted pure function ``f(snapshot, x, cond=None)``, and
+        ``snapshot`` (a list of arrays) is the model's state as of now. Pass the snapshot
+        as an argument, never close over it; after the model changes call ``refresh()``
+        and ``pure()`` again for a new snapshot (the functions stay the same and do not
+        recompile). Raises `StaleCompiledError` if the model changed since the last
+        ``refresh()``.
+        """
         self._check_fresh()
-        return self._fn("log_det")(self._consts, x, cond)
+        functions = PureFunctions(*(self._fn(d) for d in PureFunctions._fields))
+        return functions, list(self._consts)
 
     def __iter__(self):
         return iter((self.forward, self.inverse))
