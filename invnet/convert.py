@@ -1,21 +1,23 @@
 """Bring a trained network: build an invnet `Sequential` from plain weight arrays.
 
 A dense network can run backwards only if every layer is a bijection: square, well-conditioned
-weight matrices and activations that are one-to-one onto R. `from_dense` checks that, builds
-`LULinear.from_matrix` and `LeakyReLU` layers, and otherwise raises `NotInvertibleError`
-(a ``ValueError``) that says, layer by layer, why the network cannot be inverted and what
-would be needed instead.
+weight matrices and one-to-one activations. `from_dense` checks that, builds
+`LULinear.from_matrix`, `LeakyReLU`, `Tanh` and `Sigmoid` layers, and otherwise raises
+`NotInvertibleError` (a ``ValueError``) that says, layer by layer, why the network cannot be
+inverted and what would be needed instead. It reads a list of layers or a PyTorch
+``state_dict``-like mapping of a ``Sequential``'s weights.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from invnet.core import Bijector, Sequential
-from invnet.layers import LeakyReLU, LULinear
+from invnet.layers import LeakyReLU, LULinear, Sigmoid, Tanh
 
 __all__ = ["from_dense", "NotInvertibleError"]
 
@@ -29,23 +31,18 @@ _RELU = (
     "the same output: that information is gone and no inverse exists. Use a leaky ReLU "
     "(e.g. slope 0.1) and retrain or fine-tune; from_dense then inverts it exactly"
 )
-_SATURATING = (
-    "{name} squashes R into a bounded interval: outputs at (or rounded to) the ends have no "
-    "finite preimage, and the inverse amplifies errors without bound near them (float32 "
-    "already rounds {name}(x) to its limit for moderate |x|). invnet refuses it; use "
-    "leaky_relu, or invnet's coupling blocks, which take any non-invertible activation inside "
-    "their conditioner"
-)
 _REFUSED = {
     "relu": _RELU,
-    "tanh": _SATURATING.format(name="tanh"),
-    "sigmoid": _SATURATING.format(name="sigmoid"),
     "softmax": (
         "softmax outputs sum to 1, so one dimension is lost (and the map is shift-invariant): "
         "it cannot be inverted"
     ),
 }
-_ACCEPTED = "'dense' (or 'linear'), 'leaky_relu' (with a slope in (0, 1]), 'identity'"
+_ACCEPTED = (
+    "'dense' (or 'linear'), 'leaky_relu' (slope in (0, 1], default 0.01), 'tanh', 'sigmoid', "
+    "'identity'"
+)
+_SQUASH = {"tanh": Tanh, "sigmoid": Sigmoid}
 
 
 def _normalise(item: Any, index: int) -> tuple[str, dict[str, Any]]:
@@ -67,9 +64,9 @@ def _normalise(item: Any, index: int) -> tuple[str, dict[str, Any]]:
                 )
             return kind, {"weight": args[0], "bias": args[1] if len(args) == 2 else None}
         if kind in ("leaky_relu", "leakyrelu"):
-            if len(args) != 1:
+            if len(args) > 1:
                 raise ValueError(f"from_dense: layer {index} must be ('leaky_relu', slope)")
-            return kind, {"negative_slope": args[0]}
+            return kind, {"negative_slope": args[0]} if args else {}
         return kind, {"args": args}
     raise ValueError(
         f"from_dense: layer {index} ({type(item).__name__}) is not understood; give a tuple "
@@ -115,9 +112,122 @@ def _dense_problem(w: np.ndarray, index: int) -> str | None:
     return None
 
 
+_KEY = re.compile(r"^(?:(?P<prefix>.*)\.)?(?P<index>\d+)\.(?P<name>weight|bias)$")
+_ACTIVATION_HELP = "'tanh', 'sigmoid', 'leaky_relu', ('leaky_relu', 0.2) or 'identity'"
+
+
+def _activation_map(activations: Any, dense: dict[int, Any]) -> dict[int, Any]:
+    """Module index -> activation spec, from ``activations`` (a mapping or one spec)."""
+    if activations is None:
+        return {}
+    if isinstance(activations, Mapping):
+        acts = {int(k): v for k, v in activations.items()}
+        clash = sorted(set(acts) & set(dense))
+        if clash:
+            raise ValueError(
+                f"from_dense: activations names module(s) {clash}, which hold weights (dense "
+                "layers); give the indices of the weightless modules, as print(model) shows"
+            )
+        return acts
+    return {i: activations for i in range(max(dense)) if i not in dense}
+
+
+def _from_state_dict(state: Mapping[str, Any], activations: Any) -> list[Any]:
+    """A PyTorch ``Sequential``'s ``state_dict`` (plus its activations) -> layer list."""
+    dense: dict[int, dict[str, Any]] = {}
+    prefixes = set()
+    for key, value in state.items():
+        match = _KEY.match(str(key))
+        if match is None:
+            raise ValueError(
+                f"from_dense: state_dict key {key!r} is not '<index>.weight' or '<index>.bias' "
+                "of a Sequential's Linear layer (e.g. '0.weight', '2.bias'); only dense "
+                "layers and weightless activations can be converted"
+            )
+        prefixes.add(match["prefix"])
+        dense.setdefault(int(match["index"]), {})[match["name"]] = value
+    if len(prefixes) > 1:
+        raise ValueError(f"from_dense: keys of several modules {sorted(map(str, prefixes))}")
+    if not dense:
+        raise ValueError("from_dense: the state_dict is empty")
+    for index, entry in dense.items():
+        if "weight" not in entry:
+            raise ValueError(f"from_dense: module {index} has a bias but no weight")
+    acts = _activation_map(activations, dense)
+    items = []
+    for index in range(max([*dense, *acts]) + 1):
+        if index in dense:
+            items.append(("dense", dense[index]["weight"], dense[index].get("bias")))
+        elif index in acts:
+            items.append(acts[index])
+        else:
+            raise ValueError(
+                f"from_dense: module {index} of the Sequential has no weights (an activation?); "
+                f"say what it is: activations={{{index}: 'tanh'}} (or {_ACTIVATION_HELP})"
+            )
+    return items
+
+
+def _layout_hint(w: np.ndarray, bias: Any, width: int | None, weight_layout: str) -> str:
+    """A sentence naming ``weight_layout`` when the shapes fit the other layout better."""
+    if w.ndim != 2 or w.shape[0] == w.shape[1]:
+        return ""
+    n_out, n_in = w.shape
+    b = None if bias is None else np.asarray(bias)
+    bias_says = b is not None and b.shape == (n_in,)
+    chain_says = width is not None and width == n_out
+    if not (bias_says or chain_says):
+        return ""
+    other = "in_out" if weight_layout == "out_in" else "out_in"
+    read = (
+        "(out, in) as PyTorch's nn.Linear.weight"
+        if weight_layout == "out_in"
+        else ("(in, out) as a Keras/Flax kernel")
+    )
+    why = f"the bias has {n_in} entries" if bias_says else f"the previous layer gives {n_out}"
+    return (
+        f". The matrix was read with weight_layout={weight_layout!r}, {read}, but {why}, which "
+        f"fits the transposed layout: pass weight_layout={other!r}"
+    )
+
+
+def _dense_layer(fields, index, width, weight_layout, param_dtype, max_condition):
+    """(layer or None, problem or None, new width) for one dense layer."""
+    w = np.asarray(fields.get("weight"))
+    bias = fields.get("bias")
+    if weight_layout == "in_out" and w.ndim == 2:
+        w = w.T
+    problem = _dense_problem(w, index)
+    if problem is None and width is not None and w.shape[1] != width:
+        problem = f"layer {index} (dense): takes {w.shape[1]} inputs, previous size {width}"
+    if problem is not None:
+        hint = _layout_hint(w, bias, width, weight_layout)
+        return None, problem + hint, (w.shape[0] if w.ndim == 2 else width)
+    try:
+        layer = LULinear.from_matrix(w, bias, param_dtype=param_dtype, max_condition=max_condition)
+    except ValueError as err:  # ill-conditioned, bad bias
+        return None, f"layer {index} (dense {w.shape[0]}->{w.shape[0]}): {err}", w.shape[0]
+    return layer, None, w.shape[0]
+
+
+def _activation_layer(kind, fields, index) -> tuple[Bijector | None, str | None]:
+    if kind in ("leaky_relu", "leakyrelu"):
+        slope = fields.get("negative_slope", fields.get("slope", 0.01))  # PyTorch's default
+        try:
+            return LeakyReLU(float(slope)), None
+        except (TypeError, ValueError) as err:
+            return None, f"layer {index} (leaky_relu): {err}"
+    if kind in _SQUASH:
+        return _SQUASH[kind](), None
+    if kind in _REFUSED:
+        return None, f"layer {index} ({kind}): {_REFUSED[kind]}"
+    return None, f"layer {index} ({kind}): not a supported invertible layer; accepted: {_ACCEPTED}"
+
+
 def from_dense(
-    layers: Iterable[Any],
+    layers: Iterable[Any] | Mapping[str, Any],
     *,
+    activations: Any = None,
     weight_layout: str = "out_in",
     param_dtype: Any = None,
     max_condition: float | None = None,
@@ -129,18 +239,28 @@ def from_dense(
     * ``("dense", W, b)`` or ``("dense", W)``, or ``{"type": "dense", "weight": W, "bias": b}``
       (``"linear"`` is a synonym): ``y = W x + b`` with ``W`` square, full rank, finite;
     * ``("leaky_relu", slope)`` or ``{"type": "leaky_relu", "negative_slope": slope}``, slope in
-      (0, 1];
+      (0, 1]; ``"leaky_relu"`` alone takes PyTorch's default slope 0.01;
+    * ``"tanh"`` / ``"sigmoid"``: `Tanh` / `Sigmoid`, bijections onto (-1, 1) / (0, 1) whose
+      inverse of an output outside that interval is NaN (``+-inf`` on its ends);
     * ``"identity"`` (or ``("identity",)``): no layer.
+
+    Or ``layers`` is a PyTorch ``state_dict``-like mapping of a ``Sequential``'s weights,
+    ``{"0.weight": W0, "0.bias": b0, "2.weight": W2, ...}`` (a common prefix such as
+    ``"net.0.weight"`` is fine; torch tensors or arrays). The modules without weights (the
+    activations) are named by ``activations``: a mapping from their index in the
+    ``Sequential`` to a spec as above (``{1: "tanh"}``), or one spec used for every index
+    between dense layers that has no weights (a trailing activation needs the mapping).
 
     ``weight_layout="out_in"`` (default) reads ``W`` as PyTorch's ``nn.Linear.weight``,
     shape ``(out, in)``, ``y = W x + b``; ``"in_out"`` as a Keras/Flax kernel, ``y = x @ W +
-    b``. Each dense layer becomes `LULinear.from_matrix` (``param_dtype`` and
-    ``max_condition`` are passed on), each leaky ReLU a `LeakyReLU`.
+    b``. When the shapes of a non-square layer fit the other layout (its bias, or the
+    previous layer's width), the error says to pass the other ``weight_layout``. Each dense
+    layer becomes `LULinear.from_matrix` (``param_dtype`` and ``max_condition`` are passed
+    on).
 
     Raises `NotInvertibleError` (a ``ValueError``) listing every layer that makes the network
     non-invertible — a non-square layer (e.g. 784->10), a rank-deficient or
-    ill-conditioned matrix, ``relu``, ``tanh``, ``sigmoid``, ``softmax`` — with why and what
-    would be needed instead.
+    ill-conditioned matrix, ``relu``, ``softmax`` — with why and what would be needed instead.
 
     Example:
         >>> import numpy as np, jax.numpy as jnp, invnet
@@ -150,6 +270,10 @@ def from_dense(
         >>> x = jnp.ones((2, 3))
         >>> bool(jnp.allclose(model.inverse(model(x))[0], x, atol=1e-4))
         True
+        >>> state = {"0.weight": W1, "0.bias": b1}    # torch: Sequential(Linear(3, 3), Tanh())
+        >>> model = invnet.from_dense(state, activations={1: "tanh"})
+        >>> [type(layer).__name__ for layer in model]
+        ['LULinear', 'Tanh']
         >>> try:
         ...     invnet.from_dense([("dense", rng.normal(size=(10, 784)))])
         ... except invnet.NotInvertibleError as err:
@@ -160,47 +284,27 @@ def from_dense(
         raise ValueError(
             f"from_dense: weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}"
         )
+    if isinstance(layers, Mapping):
+        layers = _from_state_dict(layers, activations)
+    elif activations is not None:
+        raise ValueError("from_dense: activations= is for a state_dict; list them in `layers`")
     built: list[Bijector] = []
     problems: list[str] = []
     width = None
     for index, item in enumerate(layers):
         kind, fields = _normalise(item, index)
         if kind in ("dense", "linear"):
-            w = np.asarray(fields.get("weight"))
-            if weight_layout == "in_out" and w.ndim == 2:
-                w = w.T
-            problem = _dense_problem(w, index)
-            if problem is None and width is not None and w.shape[1] != width:
-                problem = f"layer {index} (dense): takes {w.shape[1]} inputs, previous size {width}"
-            if problem is not None:
-                problems.append(problem)
-                if w.ndim == 2:
-                    width = w.shape[0]
-                continue
-            width = w.shape[0]
-            bias = fields.get("bias")
-            try:
-                built.append(
-                    LULinear.from_matrix(
-                        w, bias, param_dtype=param_dtype, max_condition=max_condition
-                    )
-                )
-            except ValueError as err:  # ill-conditioned, bad bias
-                problems.append(f"layer {index} (dense {width}->{width}): {err}")
-        elif kind in ("leaky_relu", "leakyrelu"):
-            slope = fields.get("negative_slope", fields.get("slope"))
-            try:
-                built.append(LeakyReLU(float(slope)))
-            except (TypeError, ValueError) as err:
-                problems.append(f"layer {index} (leaky_relu): {err}")
+            layer, problem, width = _dense_layer(
+                fields, index, width, weight_layout, param_dtype, max_condition
+            )
         elif kind == "identity":
             continue
-        elif kind in _REFUSED:
-            problems.append(f"layer {index} ({kind}): {_REFUSED[kind]}")
         else:
-            problems.append(
-                f"layer {index} ({kind}): not a supported invertible layer; accepted: {_ACCEPTED}"
-            )
+            layer, problem = _activation_layer(kind, fields, index)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            built.append(layer)
     if problems:
         raise NotInvertibleError(
             "from_dense: this network cannot be inverted exactly:\n  - " + "\n  - ".join(problems)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from invnet import dispatch
 from invnet.core import Bijector, Delegate, unify_shapes
 
 __all__ = ["Flow", "StandardNormal"]
@@ -161,9 +162,11 @@ class Flow(Delegate):
         return (temperature * z).reshape(n, *latent)
 
     def log_prob(self, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
-        """``log p(x | cond)`` in nats, one value per sample (the batch shape)."""
-        z, log_det = self.forward(x, cond=cond)
-        return self._base_log_prob(z) + log_det
+        """``log p(x | cond)`` in nats, one value per sample (the batch shape). Compiled on
+        concrete arrays (see `invnet.dispatch`)."""
+        x = self._check_input(x, "x")
+        out = dispatch.call(_log_prob, self, (x, cond))
+        return _log_prob(self, x, cond) if out is dispatch.AS_WRITTEN else out
 
     def sample(
         self,
@@ -178,9 +181,9 @@ class Flow(Delegate):
 
         ``key``: a JAX key (typed or raw) or an int seed. ``cond``: ``(cond_dim,)`` for one
         condition shared by all ``n`` samples, or ``(n, cond_dim)``, one per sample.
+        Drawing and the inverse run as one compiled call (see `invnet.dispatch`).
         """
-        z = self._draw(key, n, temperature, dtype)
-        return self.inverse(z, cond=cond)[0]
+        return self._sampled(_sample, key, n, cond, temperature, dtype)
 
     def sample_and_log_prob(
         self,
@@ -193,9 +196,35 @@ class Flow(Delegate):
     ):
         """Samples (as `sample`, same arguments) and their ``log p(x | cond)`` under the
         flow, from one inverse pass: ``log p_Z(z) - log|det df^-1/dz|``."""
-        z = self._draw(key, n, temperature, dtype)
-        x, inv_log_det = self.inverse(z, cond=cond)
-        return x, self._base_log_prob(z) - inv_log_det
+        return self._sampled(_sample_and_log_prob, key, n, cond, temperature, dtype)
+
+    def _sampled(self, fn, key, n, cond, temperature, dtype):
+        key, n, dtype = _as_key(key), _count(n), jnp.dtype(dtype)
+        self.latent_shape()  # a flow over events of any size cannot sample: say so here
+        statics = (("n", n), ("dtype", dtype))
+        out = dispatch.call(fn, self, (key, cond, temperature), statics)
+        return (
+            fn(self, key, cond, temperature, n=n, dtype=dtype)
+            if out is dispatch.AS_WRITTEN
+            else out
+        )
+
+
+# the functions that `invnet.dispatch` compiles (module level: they are part of its cache key)
+def _log_prob(flow, x, cond):
+    z, log_det = flow.forward(x, cond=cond)
+    return flow._base_log_prob(z) + log_det
+
+
+def _sample(flow, key, cond, temperature, *, n, dtype):
+    z = flow._draw(key, n, temperature, dtype)
+    return flow.inverse(z, cond=cond)[0]
+
+
+def _sample_and_log_prob(flow, key, cond, temperature, *, n, dtype):
+    z = flow._draw(key, n, temperature, dtype)
+    x, inv_log_det = flow.inverse(z, cond=cond)
+    return x, flow._base_log_prob(z) - inv_log_det
 
 
 def _as_key(key) -> jax.Array:

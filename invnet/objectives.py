@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from invnet import dispatch
 from invnet.flows import StandardNormal
 
 __all__ = ["MaximumLikelihood", "Regression", "InverseProblem", "mmd", "sample_posterior"]
@@ -135,18 +136,26 @@ def sample_posterior(model, y, key, *, n: int | None = None, temperature: float 
         >>> x.shape, bool(jnp.allclose(model(x)[:, 0], 1.0, atol=1e-5))
         ((4, 3), True)
     """
-    y = jnp.asarray(y)
+    y = y if isinstance(y, jax.Array) else jnp.asarray(y)
     if isinstance(key, int):
         key = jax.random.key(key)
     if n is not None:
         if y.ndim != 1:
             raise ValueError("sample_posterior: give n only with a single y of shape (y_dim,)")
-        y = jnp.broadcast_to(y, (int(n), y.shape[0]))
+        n = int(n)
     if model.dim is None or y.shape[-1] >= model.dim:
         raise ValueError(
             f"sample_posterior: y has {y.shape[-1]} features; the model must be larger "
             f"(dim={model.dim}) so that z has at least one"
         )
+    out = dispatch.call(_posterior, model, (y, key, temperature, cond), (("n", n),))
+    return _posterior(model, y, key, temperature, cond, n=n) if out is dispatch.AS_WRITTEN else out
+
+
+def _posterior(model, y, key, temperature, cond, *, n):
+    """`sample_posterior` after its checks (compiled by `invnet.dispatch`)."""
+    if n is not None:
+        y = jnp.broadcast_to(y, (n, y.shape[0]))
     dtype = y.dtype if jnp.issubdtype(y.dtype, jnp.floating) else jnp.float32
     y = y.astype(dtype)
     z = temperature * jax.random.normal(key, (*y.shape[:-1], model.dim - y.shape[-1]), dtype)

@@ -1,5 +1,6 @@
 """from_dense: square leaky-ReLU networks become exact invnet models; others are refused."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,13 +81,96 @@ def test_relu_network_is_refused_and_every_problem_listed():
                 ("dense", rng.normal(size=(D, D)), np.zeros(D)),
                 "relu",
                 ("dense", singular),
-                ("tanh",),
+                ("softmax",),
                 ("leaky_relu", 0.0),
             ]
         )
     msg = str(info.value)
     assert "layer 1 (relu)" in msg and "leaky ReLU" in msg and "no inverse exists" in msg
     assert "layer 2 (dense 5->5)" in msg and "rank 4 < 5" in msg
-    assert "layer 3 (tanh)" in msg and "layer 4 (leaky_relu)" in msg
+    assert "layer 3 (softmax)" in msg and "layer 4 (leaky_relu)" in msg
     with pytest.raises(ValueError, match="not understood"):
         invnet.from_dense([42])
+
+
+def test_tanh_sigmoid_and_default_leaky_slope_network():
+    rng = np.random.default_rng(4)
+    w1, b1, w2 = rng.normal(size=(D, D)), rng.normal(size=D), rng.normal(size=(D, D))
+    model = invnet.from_dense(
+        [("dense", w1, b1), "tanh", ("dense", w2), "leaky_relu", ("dense", w1), ("sigmoid",)]
+    )
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["LULinear", "Tanh", "LULinear", "LeakyReLU", "LULinear", "Sigmoid"]
+    assert model[3].negative_slope == 0.01  # PyTorch's default
+    x = rng.normal(size=(16, D)) * 0.3
+    h = np.tanh(x @ w1.T + b1) @ w2.T
+    want = 1 / (1 + np.exp(-(np.where(h < 0, 0.01 * h, h) @ w1.T)))
+    y, log_det = model.forward(jnp.asarray(x))
+    np.testing.assert_allclose(y, want, rtol=1e-10)
+    x_back, inv_log_det = model.inverse(y)
+    np.testing.assert_allclose(x_back, x, atol=1e-7)  # float64; 1/slope = 100 amplifies
+    np.testing.assert_allclose(inv_log_det, -log_det, atol=1e-8)
+
+
+def test_state_dict_of_a_torch_sequential():
+    rng = np.random.default_rng(5)
+    w0, b0, w2, b2 = (rng.normal(size=s) for s in ((D, D), D, (D, D), D))
+    # torch: Sequential(Linear, LeakyReLU(0.2), Linear, Tanh) -> keys 0.* and 2.*
+    state = {"net.0.weight": w0, "net.0.bias": b0, "net.2.weight": w2, "net.2.bias": b2}
+    model = invnet.from_dense(state, activations={1: ("leaky_relu", 0.2), 3: "tanh"})
+    listed = invnet.from_dense([("dense", w0, b0), ("leaky_relu", 0.2), ("dense", w2, b2), "tanh"])
+    x = jnp.asarray(rng.normal(size=(4, D)))
+    np.testing.assert_allclose(model(x), listed(x), rtol=1e-12)
+    # one spec fills every weightless index between dense layers (not a trailing one)
+    assert [type(m).__name__ for m in invnet.from_dense(state, activations="sigmoid")] == [
+        "LULinear",
+        "Sigmoid",
+        "LULinear",
+    ]
+    with pytest.raises(ValueError, match=r"module 1 .*activations=\{1: 'tanh'\}"):
+        invnet.from_dense(state)
+    with pytest.raises(ValueError, match="'0.running_mean'"):
+        invnet.from_dense({"0.weight": w0, "0.running_mean": b0})
+    with pytest.raises(ValueError, match="hold weights"):
+        invnet.from_dense(state, activations={2: "tanh"})
+
+
+def test_keras_kernel_read_as_torch_names_weight_layout():
+    rng = np.random.default_rng(6)
+    kernel, bias = rng.normal(size=(784, 10)), np.zeros(10)  # Keras Dense(10) on 784 inputs
+    with pytest.raises(invnet.NotInvertibleError, match="weight_layout='in_out'"):
+        invnet.from_dense([("dense", kernel, bias)])
+    with pytest.raises(invnet.NotInvertibleError, match="weight_layout='out_in'"):
+        invnet.from_dense([("dense", kernel.T, bias)], weight_layout="in_out")
+    # the other way round the message is about the lost dimensions, with no layout hint
+    with pytest.raises(invnet.NotInvertibleError) as info:
+        invnet.from_dense([("dense", kernel.T, bias)])
+    assert "weight_layout" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tanh_and_sigmoid_domain_and_log_det(dtype):
+    x = jnp.asarray([-30.0, -9.5, -3.0, -1e-8, 0.0, 0.5, 3.0, 9.5, 30.0], dtype)[:, None]
+    xs = np.abs(np.asarray(x, np.float64))
+    # float64 references: log(1 - tanh^2) = 2 (log 2 - |x| - log1p(e^-2|x|)), log sig'(x)
+    tanh_exact = 2 * (np.log(2) - xs - np.log1p(np.exp(-2 * xs)))
+    sigmoid_exact = -np.logaddexp(0, -xs) - np.logaddexp(0, xs)
+    for layer, exact in ((invnet.Tanh(), tanh_exact), (invnet.Sigmoid(), sigmoid_exact)):
+        y, log_det = layer.forward(x)
+        assert y.dtype == x.dtype and bool(jnp.all(jnp.isfinite(log_det)))
+        np.testing.assert_allclose(log_det, exact[:, 0], rtol=1e-6, atol=1e-6)
+        grads = jax.grad(lambda v, m=layer: jnp.sum(m.forward(v)[1]))(x)
+        assert bool(jnp.all(jnp.isfinite(grads)))
+    for layer, (lo, hi) in ((invnet.Tanh(), (-1.0, 1.0)), (invnet.Sigmoid(), (0.0, 1.0))):
+        y = jnp.asarray([lo - 0.5, lo, hi, hi + 0.5], dtype)[:, None]
+        x_back, log_det = layer.inverse(y)
+        assert np.isnan(x_back[0, 0]) and np.isnan(x_back[3, 0])
+        assert x_back[1, 0] == -np.inf and x_back[2, 0] == np.inf
+        ok = jnp.asarray([[0.3]], dtype)
+        np.testing.assert_allclose(layer.forward(layer.inverse(ok)[0])[0], ok, rtol=1e-6)
+
+
+def test_tanh_sigmoid_error_bounds_are_stated():
+    for layer in (invnet.Tanh(), invnet.Sigmoid()):
+        bound, rule = layer.error_bound()
+        assert bound == float("inf") and "unbounded" in rule

@@ -11,7 +11,9 @@ from flax import nnx
 
 from invnet.core import Elementwise
 
-__all__ = ["LeakyReLU"]
+__all__ = ["LeakyReLU", "Tanh", "Sigmoid"]
+
+_LOG2 = math.log(2.0)
 
 
 class LeakyReLU(Elementwise):
@@ -95,3 +97,94 @@ class LeakyReLU(Elementwise):
         neg = y < 0
         x = jnp.where(neg, y / a, y)
         return x, -self._sum_event(jnp.where(neg, jnp.log(a), 0.0)).astype(y.dtype)
+
+
+class _Squash(Elementwise):
+    """Shared parts of the elementwise bijections of R onto an open interval."""
+
+    def __init__(self, *, event_ndim: int | None = None):
+        self._init_event(event_ndim)
+
+    def get_config(self) -> dict[str, Any]:
+        return self._event_config()
+
+
+class Tanh(_Squash):
+    r"""``y = tanh(x)``, elementwise: a bijection of R onto the open interval (-1, 1).
+
+    * Log-det: ``sum log(1 - tanh(x)^2)``, computed as ``2 (log 2 - x - softplus(-2x))``,
+      which stays accurate where ``1 - tanh(x)^2`` underflows (|x| > 9 in float32). O(D).
+    * Inverse: ``x = atanh(y)``, log-det ``-sum(log1p(-y) + log1p(y))``. Same cost as forward.
+    * Domain of the inverse: only ``-1 < y < 1`` has a preimage. ``y = +-1`` gives ``+-inf``
+      and ``|y| > 1`` gives NaN (nothing is clipped or raised, so a jitted model stays
+      jittable); `invnet.verify` counts and names such samples. In float32, ``tanh(x)``
+      rounds to exactly +-1 for ``|x| > 9.01``, so the inverse of such outputs is inf: the
+      information is gone in the forward pass, not in the inverse.
+    * Error amplification of a round trip ``x -> y -> x``: ``|y| / ((1 - y^2) |x|)``,
+      i.e. about ``exp(2|x|) / (4|x|)``: 1 near 0 but unbounded as ``|y| -> 1``;
+      `error_bound` therefore returns ``inf``.
+    * No parameters; any event size, event rank as `LeakyReLU` (``event_ndim``).
+
+    This is the activation of a trained ``Linear + Tanh`` network, which `invnet.from_dense`
+    turns into an invertible model.
+
+    Example:
+        >>> import jax.numpy as jnp, invnet
+        >>> act = invnet.Tanh()
+        >>> y, log_det = act.forward(jnp.array([0.0, 1.0]))
+        >>> x, _ = act.inverse(y)
+        >>> [round(float(v), 5) for v in x], round(float(log_det), 3)
+        ([0.0, 1.0], -0.868)
+        >>> act.inverse(jnp.array([1.0, 2.0]))[0]      # no finite preimage: inf and NaN
+        Array([inf, nan], dtype=float32)
+    """
+
+    def _forward(self, x, cond):
+        log_det = 2.0 * (_LOG2 - x - jax.nn.softplus(-2.0 * x))
+        return jnp.tanh(x), self._sum_event(log_det)
+
+    def _inverse(self, y, cond):
+        log_det = -(jnp.log1p(-y) + jnp.log1p(y))
+        return jnp.arctanh(y), self._sum_event(log_det)
+
+    def error_bound(self) -> tuple[float, str]:
+        """``inf``: the round trip amplifies errors by ``~exp(2|x|)/(4|x|)``, unbounded."""
+        return math.inf, "unbounded near y=+-1 (~exp(2|x|)/(4|x|) at x)"
+
+
+class Sigmoid(_Squash):
+    r"""``y = sigmoid(x) = 1 / (1 + exp(-x))``, elementwise: a bijection of R onto (0, 1).
+
+    * Log-det: ``sum log(y (1 - y)) = -sum(softplus(-x) + softplus(x))``, accurate for any
+      ``x`` (no ``log`` of a rounded ``1 - y``). O(D).
+    * Inverse: ``x = logit(y) = log(y) - log1p(-y)``, log-det ``-sum(log(y) + log1p(-y))``.
+      Same cost as forward.
+    * Domain of the inverse: only ``0 < y < 1`` has a preimage. ``y = 0`` gives ``-inf``,
+      ``y = 1`` gives ``+inf``, and ``y`` outside ``[0, 1]`` gives NaN; `invnet.verify`
+      counts and names such samples. In float32, ``sigmoid(x)`` rounds to exactly 1 for
+      ``x > 16.6``: the inverse of such outputs is ``inf``.
+    * Error amplification of a round trip: ``1 / ((1 - y) |x|)``, about ``exp(x) / x`` for
+      large positive ``x``: unbounded; `error_bound` returns ``inf``.
+    * No parameters; any event size, event rank as `LeakyReLU` (``event_ndim``).
+
+    Example:
+        >>> import jax.numpy as jnp, invnet
+        >>> act = invnet.Sigmoid()
+        >>> y, log_det = act.forward(jnp.array([0.0, 2.0]))
+        >>> [round(float(v), 5) for v in act.inverse(y)[0]]
+        [0.0, 2.0]
+        >>> act.inverse(jnp.array([0.0, 1.0, 1.5]))[0]
+        Array([-inf,  inf,  nan], dtype=float32)
+    """
+
+    def _forward(self, x, cond):
+        log_det = -(jax.nn.softplus(-x) + jax.nn.softplus(x))
+        return jax.nn.sigmoid(x), self._sum_event(log_det)
+
+    def _inverse(self, y, cond):
+        log_y, log_1my = jnp.log(y), jnp.log1p(-y)
+        return log_y - log_1my, -self._sum_event(log_y + log_1my)
+
+    def error_bound(self) -> tuple[float, str]:
+        """``inf``: the round trip amplifies errors by ``~exp(x)/x`` for large ``x``."""
+        return math.inf, "unbounded near y=1 (~exp(x)/x at x)"
