@@ -5,10 +5,20 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 """
 
 from invnet.benchmarking import BenchReport, bench
-from invnet.compile import LU_INVERSE_METHODS, Compiled, StaleCompiledError, compile
+from invnet.builders import spline_flow
+from invnet.compiled import (
+    LU_INVERSE_METHODS,
+    Compiled,
+    CompiledTraceError,
+    PureFunctions,
+    StaleCompiledError,
+    compile,
+)
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
+from invnet.dispatch import eager
 from invnet.flows import Flow, StandardNormal
+from invnet.glow import glow
 from invnet.hidden import input_for_hidden, saliency
 from invnet.io import load, read_extra_arrays, read_metadata, save
 from invnet.layers import (
@@ -16,10 +26,23 @@ from invnet.layers import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    Conv1x1,
+    ConvAdditiveCoupling,
+    ConvAffineCoupling,
+    ConvNet,
+    FactorOut,
+    HaarDownsample,
+    Householder,
     LeakyReLU,
+    Logit,
     LULinear,
+    MaskedAutoregressive,
     Permute,
     Reshape,
+    Sigmoid,
+    SplineCoupling,
+    Squeeze,
+    Tanh,
     data_init,
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
@@ -70,11 +93,29 @@ __all__ = [
     "mmd",
     "sample_posterior",
     "compile",
+    "eager",
     "Compiled",
     "StaleCompiledError",
+    "CompiledTraceError",
+    "PureFunctions",
     "LU_INVERSE_METHODS",
     "reversible",
     "Reversible",
+    "Tanh",
+    "Sigmoid",
+    "SplineCoupling",
+    "MaskedAutoregressive",
+    "Householder",
+    "spline_flow",
     "bench",
     "BenchReport",
+    "Conv1x1",
+    "Squeeze",
+    "HaarDownsample",
+    "ConvAffineCoupling",
+    "ConvAdditiveCoupling",
+    "ConvNet",
+    "FactorOut",
+    "Logit",
+    "glow",
 ]

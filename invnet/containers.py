@@ -7,6 +7,7 @@ from typing import Any
 
 from flax import nnx
 
+from invnet import dispatch
 from invnet.core import Bijector, Shape, _fmt, unify_shapes
 
 __all__ = ["Sequential", "Inverse"]
@@ -151,8 +152,13 @@ class Sequential(Bijector):
 
     def forward(self, x, *, cond=None, return_intermediates: bool = False):
         """Apply every layer in order. With ``return_intermediates=True`` also returns the
-        list of each layer's output (``hs[k]`` is the state after layer ``k``)."""
+        list of each layer's output (``hs[k]`` is the state after layer ``k``). Compiled on
+        concrete arrays, as `Bijector.forward`."""
         x = self._check_input(x, "x")
+        statics = (("return_intermediates", True),) if return_intermediates else ()
+        out = dispatch.call(dispatch.forward, self, (x, cond), statics)
+        if out is not dispatch.AS_WRITTEN:
+            return out
         cond = self._check_cond(cond, x)
         log_det = self._zero_log_det(x)
         hs = []
@@ -166,6 +172,9 @@ class Sequential(Bijector):
 
     def inverse(self, y, *, cond=None):
         y = self._check_input(y, "y", inverse=True)
+        out = dispatch.call(dispatch.inverse, self, (y, cond))
+        if out is not dispatch.AS_WRITTEN:
+            return out
         cond = self._check_cond(cond, y, inverse=True)
         log_det = self._zero_log_det(y, inverse=True)
         for layer in reversed(list(self.layers)):

@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from invnet import dispatch
+
 __all__ = [
     "Bijector",
     "Buffer",
@@ -156,8 +158,14 @@ class Bijector(nnx.Module):
 
     # ----------------------------------------------------------------- public contract
     def forward(self, x: jax.Array, *, cond: jax.Array | None = None):
-        """Apply the map: returns ``(y, log|det dy/dx|)``, log-det of the batch shape."""
+        """Apply the map: returns ``(y, log|det dy/dx|)``, log-det of the batch shape.
+
+        Called on concrete arrays this runs compiled (see `invnet.dispatch`); inside a trace,
+        or within ``invnet.eager()``, as written."""
         x = self._check_input(x, "x")
+        out = dispatch.call(dispatch.forward, self, (x, cond))
+        if out is not dispatch.AS_WRITTEN:
+            return out
         cond = self._check_cond(cond, x)
         with self._precision_scope(x.dtype):
             prepared = _lookup_prepared(self)
@@ -166,8 +174,12 @@ class Bijector(nnx.Module):
             return self._forward(x, cond)
 
     def inverse(self, y: jax.Array, *, cond: jax.Array | None = None):
-        """Exact inverse: returns ``(x, log|det dx/dy|)``, equal to minus the forward log-det."""
+        """Exact inverse: returns ``(x, log|det dx/dy|)``, equal to minus the forward log-det
+        (compiled like `forward`)."""
         y = self._check_input(y, "y", inverse=True)
+        out = dispatch.call(dispatch.inverse, self, (y, cond))
+        if out is not dispatch.AS_WRITTEN:
+            return out
         cond = self._check_cond(cond, y, inverse=True)
         with self._precision_scope(y.dtype):
             prepared = _lookup_prepared(self)
@@ -176,8 +188,9 @@ class Bijector(nnx.Module):
             return self._inverse(y, cond)
 
     def __call__(self, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
-        """``layer(x)`` is ``layer.forward(x)[0]``."""
-        return self.forward(x, cond=cond)[0]
+        """``layer(x)`` is ``layer.forward(x)[0]`` (compiled without the log-det)."""
+        out = dispatch.call(dispatch.apply, self, (self._check_input(x, "x"), cond))
+        return self.forward(x, cond=cond)[0] if out is dispatch.AS_WRITTEN else out
 
     def get_config(self) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} does not define get_config()")
@@ -301,7 +314,7 @@ class Bijector(nnx.Module):
             )
         # a layer that cannot take this event (e.g. odd sizes for a squeeze) says so here
         self.input_shape(event) if inverse else self.output_shape(event)
-        return jnp.asarray(x)
+        return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
     def _check_cond(self, cond, x, *, inverse: bool = False) -> jax.Array | None:
         name = type(self).__name__

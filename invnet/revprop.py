@@ -107,8 +107,8 @@ def _block_vjp(graphdef, state, x, cond, g_y, g_ld, inverse: bool):
 
 
 def _run(spec, states, x, cond):
-    graphdefs, scanned, inverse = spec
-    log_det = jnp.zeros(x.shape[:-1], x.dtype)
+    graphdefs, scanned, inverse, batch_ndim = spec
+    log_det = jnp.zeros(x.shape[:batch_ndim], x.dtype)
     if scanned:
 
         def body(carry, state):
@@ -140,7 +140,7 @@ def _zero_cotangent(leaf):
 
 
 def _chain_bwd(spec, residuals, cotangents):
-    graphdefs, scanned, inverse = spec
+    graphdefs, scanned, inverse, _ = spec
     states, y, cond = residuals
     g_y, g_ld = cotangents
     g_cond = None if cond is None else jnp.zeros_like(cond)
@@ -240,7 +240,8 @@ class Reversible(Delegate):
         if scanned:
             states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
             graphdefs = (graphdefs[0],)
-        return _chain((tuple(graphdefs), scanned, inverse), states, x, cond)
+        batch_ndim = len(self.batch_shape(x, inverse=inverse))
+        return _chain((tuple(graphdefs), scanned, inverse, batch_ndim), states, x, cond)
 
     def forward(self, x, *, cond=None):
         """The wrapped model's ``forward``, differentiated reversibly."""

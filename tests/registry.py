@@ -106,6 +106,12 @@ def _image_stack(dt, rngs):
     )
 
 
+def _squash(layer_type):
+    # R -> interval -> R: the contract test inverts arbitrary normal outputs, which have no
+    # preimage under Tanh/Sigmoid alone; their domain tests are in tests/test_convert.py
+    return lambda dt, rngs: invnet.Sequential(layer_type(), invnet.Inverse(layer_type()))
+
+
 CASES: list[Case] = [
     Case("LULinear", _lu),
     Case("LULinear-identity-nobias", _lu_plain),
@@ -168,6 +174,54 @@ CASES: list[Case] = [
         cond_dim=COND_DIM,
         tol32=1e-4,
     ),
+    Case("Tanh", _squash(invnet.Tanh), tol32=1e-4),
+    Case("Sigmoid", _squash(invnet.Sigmoid), tol32=1e-4),
+    Case(
+        "SplineCoupling",
+        lambda dt, rngs: invnet.SplineCoupling(
+            DIM, bins=4, bound=2.0, hidden=(8,), param_dtype=dt, rngs=rngs
+        ),
+        tol32=1e-4,
+    ),
+    Case(
+        "SplineCoupling-cond-mask",
+        lambda dt, rngs: invnet.SplineCoupling(
+            DIM,
+            bins=3,
+            hidden=(8,),
+            cond_dim=COND_DIM,
+            mask=[False, True, False, True, True],
+            activation="tanh",
+            param_dtype=dt,
+            rngs=rngs,
+        ),
+        cond_dim=COND_DIM,
+        tol32=1e-4,
+    ),
+    Case(
+        "MaskedAutoregressive-affine",
+        lambda dt, rngs: invnet.MaskedAutoregressive(DIM, hidden=(8,), param_dtype=dt, rngs=rngs),
+        tol32=1e-4,
+    ),
+    Case(
+        "MaskedAutoregressive-spline-cond",
+        lambda dt, rngs: invnet.MaskedAutoregressive(
+            DIM,
+            transformer="spline",
+            bins=3,
+            hidden=(8,),
+            cond_dim=COND_DIM,
+            param_dtype=dt,
+            rngs=rngs,
+        ),
+        cond_dim=COND_DIM,
+        tol32=1e-4,
+    ),
+    Case("Householder", lambda dt, rngs: invnet.Householder(DIM, param_dtype=dt, rngs=rngs)),
+    Case(
+        "Householder-2",
+        lambda dt, rngs: invnet.Householder(DIM, reflections=2, param_dtype=dt, rngs=rngs),
+    ),
 ]
 
 
@@ -177,3 +231,84 @@ def build(case: Case, dtype) -> invnet.Bijector:
         batch = jax.random.normal(jax.random.key(3), (64, *case.event_shape), dtype)
         invnet.data_init(model, batch)
     return perturb(model, 0.3, seed=1)
+
+
+# ---------------------------------------------------------------- image layers (issue 10)
+IMAGE_1 = (8, 8, 1)
+
+
+def _conv1x1_from_matrix(dt, rngs):
+    w = np.random.default_rng(0).normal(size=(2, 2)) + 2 * np.eye(2)
+    return invnet.Conv1x1.from_matrix(w, np.arange(2, dtype=float), param_dtype=dt)
+
+
+def _multiscale(dt, rngs):
+    """A two-level multi-scale model: (4, 4, 2) -> (2, 2, 8) -> factor out 4 channels."""
+    rest = invnet.Sequential(
+        invnet.ActNorm(4, event_ndim=3, param_dtype=dt),
+        invnet.Conv1x1(4, param_dtype=dt, rngs=rngs),
+        invnet.ConvAffineCoupling(4, hidden=4, param_dtype=dt, rngs=rngs),
+        invnet.Reshape((2, 2, 4), (16,)),
+    )
+    return invnet.Sequential(
+        invnet.Squeeze(),
+        invnet.ConvAffineCoupling(8, hidden=4, param_dtype=dt, rngs=rngs),
+        invnet.FactorOut(4, rest, event_shape=(2, 2, 8)),
+    )
+
+
+def _logit_pair(dt, rngs):
+    """Logit's domain is an interval, so the contract (normal inputs both ways) runs it
+    behind its own inverse with a LULinear between; tests/test_images.py checks it alone
+    on pixel data."""
+    return invnet.Sequential(
+        invnet.Inverse(invnet.Logit(0.05)),
+        invnet.Logit(0.05),
+        invnet.LULinear(DIM, param_dtype=dt, rngs=rngs),
+        invnet.Inverse(invnet.Logit(0.1)),
+        invnet.Logit(0.1),
+    )
+
+
+CASES += [
+    Case(
+        "Conv1x1", lambda dt, rngs: invnet.Conv1x1(2, param_dtype=dt, rngs=rngs), event_shape=IMAGE
+    ),
+    Case(
+        "Conv1x1-identity-nobias",
+        lambda dt, rngs: invnet.Conv1x1(3, bias=False, init="identity", param_dtype=dt, rngs=rngs),
+        event_shape=(2, 2, 3),
+    ),
+    Case("Conv1x1.from_matrix", _conv1x1_from_matrix, event_shape=IMAGE),
+    Case("Squeeze", lambda dt, rngs: invnet.Squeeze(), event_shape=IMAGE),
+    Case("Squeeze-4", lambda dt, rngs: invnet.Squeeze(4), event_shape=IMAGE_1),
+    Case("HaarDownsample", lambda dt, rngs: invnet.HaarDownsample(), event_shape=IMAGE),
+    Case(
+        "ConvAffineCoupling",
+        lambda dt, rngs: invnet.ConvAffineCoupling(2, hidden=4, param_dtype=dt, rngs=rngs),
+        event_shape=IMAGE,
+    ),
+    Case(
+        "ConvAffineCoupling-cond",
+        lambda dt, rngs: invnet.ConvAffineCoupling(
+            3, hidden=4, cond_dim=COND_DIM, activation="tanh", param_dtype=dt, rngs=rngs
+        ),
+        cond_dim=COND_DIM,
+        event_shape=(4, 4, 3),
+    ),
+    Case(
+        "ConvAdditiveCoupling",
+        lambda dt, rngs: invnet.ConvAdditiveCoupling(2, hidden=4, param_dtype=dt, rngs=rngs),
+        event_shape=IMAGE,
+    ),
+    Case(
+        "ConvAdditiveCoupling-cond",
+        lambda dt, rngs: invnet.ConvAdditiveCoupling(
+            2, hidden=4, cond_dim=COND_DIM, param_dtype=dt, rngs=rngs
+        ),
+        cond_dim=COND_DIM,
+        event_shape=IMAGE,
+    ),
+    Case("FactorOut-multiscale", _multiscale, event_shape=IMAGE, tol32=1e-4),
+    Case("Logit", _logit_pair, tol32=1e-4),
+]

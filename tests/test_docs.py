@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,14 +18,27 @@ def readme_block(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-W", "error", "-c", code],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+README_BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(README_BLOCKS)))
+def test_every_readme_python_block_runs_on_its_own(index, tmp_path):
+    """Each README code block runs as written, alone, in a fresh process (in a temp folder,
+    so files it writes land there)."""
+    env_root = str(ROOT)
+    code = f"import sys; sys.path.insert(0, {env_root!r})\n" + README_BLOCKS[index]
+    result = run_python(code, cwd=tmp_path)
+    assert result.returncode == 0, f"README block {index}:\n{README_BLOCKS[index]}\n{result.stderr}"
 
 
 def test_readme_quickstart_runs():
