@@ -8,7 +8,7 @@ from typing import Any
 from flax import nnx
 
 from invnet import dispatch
-from invnet.core import Bijector, Shape, _fmt, unify_shapes
+from invnet.core import Bijector, Shape, _flipped, _fmt, unify_shapes
 
 __all__ = ["Sequential", "Inverse"]
 
@@ -236,7 +236,9 @@ class Inverse(Bijector):
         return cls(children[0])
 
     def forward(self, x, *, cond=None):
-        return self.bijector.inverse(x, cond=cond)
+        with _flipped():
+            return self.bijector.inverse(x, cond=cond)
 
     def inverse(self, y, *, cond=None):
-        return self.bijector.forward(y, cond=cond)
+        with _flipped():
+            return self.bijector.forward(y, cond=cond)

@@ -116,6 +116,28 @@ def prepared_active() -> bool:
     return _PREPARED.get() is not None
 
 
+# True while data runs through a layer's ``inverse`` as part of a model's ``forward`` (inside
+# an odd number of `Inverse` wrappers); layers that initialise from data (ActNorm) use it to
+# tell the data side from the sampling side
+_FLIPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("invnet_flipped", default=False)
+
+
+@contextlib.contextmanager
+def _flipped():
+    token = _FLIPPED.set(not _FLIPPED.get())
+    try:
+        yield
+    finally:
+        _FLIPPED.reset(token)
+
+
+def data_direction(inverse: bool) -> bool:
+    """Whether a layer's ``forward`` (``inverse=False``) or ``inverse`` (``True``) is running
+    in the direction data flows through the model: the model's ``forward``, seen through any
+    `Inverse` wrappers. Data-dependent initialisation happens only in that direction."""
+    return inverse == _FLIPPED.get()
+
+
 def _fmt(shape) -> str:
     """An event shape for messages; ``*`` marks an axis of any size."""
     inner = ", ".join("*" if s is None else str(s) for s in shape)
@@ -468,14 +490,16 @@ class Step:
         """This step as the model's ``forward`` applies it."""
         cond = cond if self.layer.cond_dim else None
         if self.inverted:
-            return self.layer.inverse(h, cond=cond)
+            with _flipped():
+                return self.layer.inverse(h, cond=cond)
         return self.layer.forward(h, cond=cond)
 
     def inverse(self, h, cond=None):
         """This step as the model's ``inverse`` applies it."""
         cond = cond if self.layer.cond_dim else None
         if self.inverted:
-            return self.layer.forward(h, cond=cond)
+            with _flipped():
+                return self.layer.forward(h, cond=cond)
         return self.layer.inverse(h, cond=cond)
 
 

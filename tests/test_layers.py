@@ -279,3 +279,31 @@ def test_uninitialised_actnorm_under_pure_jax_grad_does_not_crash():
     g = grads(params, rest, x)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
     assert not bool(model.layers[0].initialized[...])  # nothing could be written back
+
+
+def test_inverted_actnorm_initialises_on_the_data_side_and_never_in_the_model_inverse():
+    """An ActNorm inside `Inverse` sees data through its own inverse: data_init (and the
+    model's first forward) standardise what comes out there, and the model's inverse never
+    initialises it (it used to, so the first round trip came back wrong)."""
+    x = 5.0 + 2.0 * jax.random.normal(jax.random.key(0), (500, 3), jnp.float64)
+    for make_ready in (lambda m: invnet.data_init(m, x), lambda m: m.forward(x)):
+        model = invnet.Sequential(
+            invnet.LULinear(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+            invnet.Inverse(invnet.ActNorm(3, param_dtype=jnp.float64)),
+        )
+        make_ready(model)
+        assert all(node.not_ready() is None for node in invnet.core.nodes(model))
+        y, log_det = model.forward(x)
+        np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-8)
+        np.testing.assert_allclose(y.std(0), 1.0, atol=1e-5)
+        x_back, inv_log_det = model.inverse(y)
+        np.testing.assert_allclose(x_back, x, atol=1e-10)
+        np.testing.assert_allclose(log_det + inv_log_det, 0.0, atol=1e-10)
+    # the model's inverse of a fresh model leaves every ActNorm as it was
+    fresh = invnet.Sequential(
+        invnet.Inverse(invnet.ActNorm(3, param_dtype=jnp.float64)),
+        invnet.ActNorm(3, param_dtype=jnp.float64),
+    )
+    fresh.inverse(x)
+    norms = [n for n in invnet.core.nodes(fresh) if isinstance(n, invnet.ActNorm)]
+    assert len(norms) == 2 and all(n.not_ready() is not None for n in norms)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from flax.errors import TraceContextError
 
-from invnet.core import Bijector, Buffer, nodes
+from invnet.core import Bijector, Buffer, data_direction, nodes
 
 __all__ = ["ActNorm", "data_init"]
 
@@ -33,8 +33,10 @@ class ActNorm(Bijector):
       ``jax.jit`` / ``jax.grad`` of ``nnx.merge`` the update cannot be kept (each call then
       standardises with its own batch statistics, and the layer's parameters get no
       gradient): initialise first (`invnet.data_init(model, x)` or one eager
-      ``model.forward(x)``; `invnet.fit` does this for you). ``inverse`` never
-      initialises. A batch of one sample (std 0) keeps ``log_scale`` finite through ``eps``.
+      ``model.forward(x)``; `invnet.fit` does this for you). A model's ``inverse`` never
+      initialises. Inside an `invnet.Inverse` the data reach the layer's ``inverse``: the
+      model's first ``forward`` then sets the parameters so that what comes out of it is
+      standardised. A batch of one sample (std 0) keeps ``log_scale`` finite through ``eps``.
 
     Reference: Kingma & Dhariwal, "Glow", NeurIPS 2018.
 
@@ -87,17 +89,24 @@ class ActNorm(Bijector):
         x = self._check_input(x, "x")
         self._init_from(x, force=True)
 
-    def _init_from(self, x, force=False):
+    def _init_from(self, x, force=False, inverse=False):
         """Data-dependent values where the layer is uninitialised; written back if possible.
 
-        Returns the ``(bias, log_scale)`` this call must use. Under a transformation that
-        cannot write the layer's variables (e.g. ``jax.grad`` of an ``nnx.merge`` made in an
-        outer trace) the values are used for this call only and the layer stays as it was.
+        ``x`` is the batch that reaches the layer: its input, or with ``inverse=True`` the
+        ``y`` its inverse receives (inside an `invnet.Inverse`), which then comes out
+        standardised. Returns the ``(bias, log_scale)`` this call must use. Under a
+        transformation that cannot write the layer's variables (e.g. ``jax.grad`` of an
+        ``nnx.merge`` made in an outer trace) the values are used for this call only and the
+        layer stays as it was.
         """
         flat = x.reshape(-1, self.dim)
         dt = self.param_dtype
-        new_bias = (-jnp.mean(flat, axis=0)).astype(dt)
-        new_log_scale = (-jnp.log(jnp.std(flat, axis=0) + self.eps)).astype(dt)
+        mean = jnp.mean(flat, axis=0)
+        std = jnp.std(flat, axis=0) + self.eps
+        if inverse:  # x = y * exp(-log_scale) - bias = (y - mean) / std
+            new_bias, new_log_scale = (mean / std).astype(dt), jnp.log(std).astype(dt)
+        else:  # y = (x + bias) * exp(log_scale) = (x - mean) / std
+            new_bias, new_log_scale = (-mean).astype(dt), (-jnp.log(std)).astype(dt)
         done = jnp.asarray(False if force else self.initialized[...])
         bias = jnp.where(done, self.bias[...], new_bias)
         log_scale = jnp.where(done, self.log_scale[...], new_log_scale)
@@ -134,18 +143,23 @@ class ActNorm(Bijector):
             return True  # decided inside the trace by jnp.where
         return not bool(flag)
 
+    def _params_for(self, data, inverse):
+        """The ``(bias, log_scale)`` for this call: initialised from ``data`` first when the
+        layer has not seen data and this call runs in the direction data flows."""
+        if self._needs_init() and data_direction(inverse):
+            return self._init_from(jax.lax.stop_gradient(data), inverse=inverse)
+        return self.bias[...], self.log_scale[...]
+
     def _forward(self, x, cond):
-        if self._needs_init():
-            bias, log_scale = self._init_from(jax.lax.stop_gradient(x))
-        else:
-            bias, log_scale = self.bias[...], self.log_scale[...]
+        bias, log_scale = self._params_for(x, inverse=False)
         log_scale = log_scale.astype(x.dtype)
         y = (x + bias.astype(x.dtype)) * jnp.exp(log_scale)
         return y, self._log_det(log_scale, x)
 
     def _inverse(self, y, cond):
-        log_scale = self.log_scale[...].astype(y.dtype)
-        x = y * jnp.exp(-log_scale) - self.bias[...].astype(y.dtype)
+        bias, log_scale = self._params_for(y, inverse=True)
+        log_scale = log_scale.astype(y.dtype)
+        x = y * jnp.exp(-log_scale) - bias.astype(y.dtype)
         return x, -self._log_det(log_scale, y)
 
 
