@@ -15,6 +15,7 @@ functions of its current parameters.
 * A model with a layer that initialises itself from its first batch (an `invnet.ActNorm`
   that has not seen data: ``node.not_ready()`` is not None) runs as written, so that the
   initialisation is kept; later calls are compiled.
+* Under ``jax.disable_jit()`` the methods run op by op, as written.
 * Opt-out for debugging (prints, breakpoints, op-by-op errors): ``with invnet.eager(): ...``,
   or the environment variable ``INVNET_EAGER=1`` for the whole process.
 
@@ -42,6 +43,9 @@ __all__ = ["eager", "eager_mode", "call", "AS_WRITTEN"]
 AS_WRITTEN = object()  # returned by `call` when the method must run as written
 
 _EAGER: contextvars.ContextVar[bool] = contextvars.ContextVar("invnet_eager", default=False)
+# True while a dispatched function runs (traces, or runs op by op under jax.disable_jit):
+# the model's methods called from there run as written instead of dispatching again
+_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("invnet_inside", default=False)
 
 
 @contextlib.contextmanager
@@ -122,8 +126,12 @@ def _jitted(table: dict, fn: Callable, statics: tuple) -> Callable:
         kwargs = dict(statics)
 
         def run(leaves, args):
-            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            return fn(model, *args, **kwargs)
+            token = _INSIDE.set(True)
+            try:
+                model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+                return fn(model, *args, **kwargs)
+            finally:
+                _INSIDE.reset(token)
 
         found = table[(fn, statics)] = jax.jit(run)
     return found
@@ -132,14 +140,15 @@ def _jitted(table: dict, fn: Callable, statics: tuple) -> Callable:
 def call(fn: Callable, model, args: tuple, statics: tuple = ()) -> Any:
     """``fn(model, *args, **dict(statics))`` as a cached jitted function of the model's
     current variables, or `AS_WRITTEN` when it must run as written (eager mode, inside a
-    trace, or a layer waiting for its data-dependent initialisation).
+    trace, under ``jax.disable_jit()``, or a layer waiting for its data-dependent
+    initialisation).
 
     ``fn`` is a module-level function (it is part of the cache key); ``args`` are arrays,
     scalars or ``None``; ``statics`` are hashable ``(name, value)`` pairs.
     """
     from invnet.core import nodes, prepared_active
 
-    if eager_mode() or prepared_active():
+    if eager_mode() or prepared_active() or _INSIDE.get() or jax.config.jax_disable_jit:
         return AS_WRITTEN
     for a in args:
         if isinstance(a, jax.core.Tracer):

@@ -89,6 +89,18 @@ def test_inside_user_transformations_it_traces_as_written():
     assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+def test_under_jax_disable_jit_it_runs_as_written():
+    model, (x, c) = _model(), _data()
+    want = model.forward(x, cond=c)
+    with jax.disable_jit():  # a user debugging op by op: no dispatch (it used to recurse)
+        got = model.forward(x, cond=c)
+        back = model.inverse(got[0], cond=c)[0]
+        sampled = invnet.Flow(model).sample(jax.random.key(0), 3, cond=c[:3])
+    _close(got, want)
+    _close(back, x)
+    assert sampled.shape == (3, DIM)
+
+
 def test_data_dependent_init_runs_as_written_then_compiled():
     model = invnet.Sequential(invnet.ActNorm(DIM), invnet.LeakyReLU(0.5))
     x = 3.0 + 2.0 * _data(64)[0]
