@@ -30,6 +30,7 @@ from invnet.layers import (
     ConvAdditiveCoupling,
     ConvAffineCoupling,
     ConvNet,
+    Dequantize,
     FactorOut,
     HaarDownsample,
     Householder,
@@ -47,6 +48,7 @@ from invnet.layers import (
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
 from invnet.parallel import data_mesh, replicate, shard_batch
+from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verification import VerifyReport, verify
@@ -117,5 +119,8 @@ __all__ = [
     "ConvNet",
     "FactorOut",
     "Logit",
+    "Dequantize",
+    "dequantize",
+    "bits_per_dim",
     "glow",
 ]

@@ -311,4 +311,8 @@ CASES += [
     ),
     Case("FactorOut-multiscale", _multiscale, event_shape=IMAGE, tol32=1e-4),
     Case("Logit", _logit_pair, tol32=1e-4),
+    Case("Dequantize", lambda dt, rngs: invnet.Dequantize(256)),
+    Case(
+        "Dequantize-image", lambda dt, rngs: invnet.Dequantize(16, event_ndim=3), event_shape=IMAGE
+    ),
 ]

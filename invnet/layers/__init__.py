@@ -10,7 +10,7 @@ from invnet.layers.multiscale import FactorOut
 from invnet.layers.norm import ActNorm, data_init
 from invnet.layers.orthogonal import Householder
 from invnet.layers.permute import Permute
-from invnet.layers.pixels import Logit
+from invnet.layers.pixels import Dequantize, Logit
 from invnet.layers.reshape import Reshape
 from invnet.layers.spline import SplineCoupling
 from invnet.layers.squeeze import HaarDownsample, Squeeze
@@ -38,4 +38,5 @@ __all__ = [
     "ConvNet",
     "FactorOut",
     "Logit",
+    "Dequantize",
 ]
