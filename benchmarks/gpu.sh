@@ -32,6 +32,11 @@ if [ "${QUICK:-0}" = "1" ]; then smm+=(--dims 1024 --batch 8192); fi
 "$PY" benchmarks/splitmm.py --device gpu --out "$DEST" "${smm[@]}" 2>&1 | tee "$DEST/splitmm.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# image flows: Conv1x1 / Glow forward, inverse, log-det (jit vs compiled), Glow training step,
+# reversible vs ordinary backprop memory by depth (images_gpu.json, images_gpu.md, images_gpu.png)
+"$PY" benchmarks/images.py --out "$DEST" "${extra[@]}" 2>&1 | tee "$DEST/images.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 # invnet bench on a saved GLOW-like flow (LU + affine coupling x4, D=256): the user-facing
 # numbers (eager / call / jit / compiled, first-call times, peak GPU memory)
 "$PY" - "$DEST/bench_model.invnet" <<'PY'
@@ -58,5 +63,5 @@ if "$PY" -c "import pytest" 2>/dev/null; then
 else
   echo "pytest is not installed: GPU tests (tests/test_gpu.py) skipped" | tee "$DEST/pytest_gpu.log"
 fi
-echo "results in $DEST (results.json, table.md, plot.png, splitmm.md, run.log, pytest_gpu.log)"
+echo "results in $DEST (results.json, table.md, plot.png, splitmm.md, images_gpu.md, run.log, pytest_gpu.log)"
 exit $status
