@@ -10,13 +10,14 @@ sqrt(eps))`` with ``kappa`` the conditioning bound of those layers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet.core import Bijector, Sequential
+from invnet.core import Bijector, Sequential, _fmt, unify_shapes
 from invnet.revprop import Reversible
 
 __all__ = ["saliency", "input_for_hidden"]
@@ -67,8 +68,12 @@ def saliency(
     features move that unit); a sequence of ``n`` units gives ``(..., n, D)``; ``None``
     gives the full Jacobian ``(..., D_out, D)``. Computed with ``jax.jacrev`` when fewer units
     than inputs are asked for (or the model holds a `Reversible`), else ``jax.jacfwd`` (the
-    same numbers, the cheaper mode),
-    ``vmap``-ed over the batch and jit-compiled.
+    same numbers, the cheaper mode), ``vmap``-ed over the batch and jit-compiled.
+
+    Events of any rank: for a model on images ``(..., H, W, C)`` each map has the image's
+    shape (``output=k`` gives ``(..., H, W, C)``: which pixels move unit ``k``), units count
+    through the state in row-major order (``h.reshape(-1)``), and ``output=None`` gives
+    ``(..., *state_shape, H, W, C)``.
 
     Example:
         >>> import jax.numpy as jnp, invnet
@@ -85,9 +90,21 @@ def saliency(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"saliency: x must be a floating array, got dtype {x.dtype}")
-    batch, dim = x.shape[:-1], x.shape[-1]
-    units = _units(output, sub.dim if sub.dim is not None else dim)
-    flat = x.reshape(-1, dim)
+    rank = len(sub.event_pattern())
+    if x.ndim < rank:
+        raise ValueError(
+            f"saliency: the model takes events of rank {rank}, got an array of shape {x.shape}"
+        )
+    batch, event = x.shape[: x.ndim - rank], x.shape[x.ndim - rank :]
+    if unify_shapes(sub.event_pattern(), event) is None:
+        raise ValueError(
+            f"saliency: the model takes events of shape {_fmt(sub.event_pattern())}, "
+            f"got x of shape {x.shape}"
+        )
+    state_shape = tuple(sub.output_shape(event))
+    size_in, size_out = math.prod(event), math.prod(state_shape)
+    units = _units(output, size_out)
+    flat = x.reshape(-1, *event)
     conds = None
     if cond is not None and model.cond_dim:
         cond = jnp.asarray(cond, x.dtype)
@@ -98,10 +115,10 @@ def saliency(
     # reverse mode when it is cheaper, and always through a Reversible wrapper, whose
     # custom VJP has no forward-mode rule
     has_custom_vjp = any(isinstance(n, Reversible) for _, n in nnx.iter_graph(sub))
-    use_rev = has_custom_vjp or (units is not None and len(units) < dim)
+    use_rev = has_custom_vjp or (units is not None and len(units) < size_in)
 
     def unit_values(state, xi, ci):
-        h = nnx.merge(graphdef, state).forward(xi, cond=ci)[0]
+        h = nnx.merge(graphdef, state).forward(xi, cond=ci)[0].reshape(-1)
         return h if units is None else h[jnp.asarray(units)]
 
     @jax.jit
@@ -110,10 +127,12 @@ def saliency(
             jac = (jax.jacrev if use_rev else jax.jacfwd)(unit_values, argnums=1)
             return jax.vmap(jac, in_axes=(None, 0, None if cs is None else 0))(state, xs, cs)
 
-    jac = jacobians(state, flat, conds)
+    jac = jacobians(state, flat, conds)  # (N, units or size_out, *event)
     if isinstance(output, int):
-        return jac[:, 0, :].reshape(*batch, dim)
-    return jac.reshape(*batch, *jac.shape[1:])
+        return jac[:, 0].reshape(*batch, *event)
+    if units is None:
+        return jac.reshape(*batch, *state_shape, *event)
+    return jac.reshape(*batch, len(units), *event)
 
 
 def input_for_hidden(

@@ -88,3 +88,33 @@ def test_saliency_of_a_conditional_model():
     assert jnp.allclose(jac, ref, atol=1e-12)
     with pytest.raises(ValueError, match="conditional"):
         invnet.saliency(block, x)
+
+
+def test_saliency_on_images_is_per_pixel():
+    """An image model's saliency has the image's shape (it used to treat the last axis,
+    the channels, as the model's input)."""
+    rngs = nnx.Rngs(0)
+    model = perturb(
+        invnet.Sequential(
+            invnet.Squeeze(),  # (4, 4, 2) -> (2, 2, 8)
+            invnet.Conv1x1(8, param_dtype=jnp.float64, rngs=rngs),
+            invnet.Reshape((2, 2, 8), (32,)),
+            invnet.LeakyReLU(0.5),
+        )
+    )
+    x = jax.random.normal(jax.random.key(4), (3, 4, 4, 2), jnp.float64)
+    flat = lambda v: model(v).reshape(-1)  # noqa: E731
+    full = jax.vmap(jax.jacrev(flat))(x)  # (3, 32, 4, 4, 2)
+    assert invnet.saliency(model, x, output=5).shape == (3, 4, 4, 2)
+    np.testing.assert_allclose(invnet.saliency(model, x, output=5), full[:, 5], atol=1e-12)
+    np.testing.assert_allclose(
+        invnet.saliency(model, x, output=[7, 1]), full[:, [7, 1]], atol=1e-12
+    )
+    np.testing.assert_allclose(invnet.saliency(model, x), full, atol=1e-12)
+    # a hidden state that is still an image: the Jacobian has both image shapes
+    jac = invnet.saliency(model, x, layer=1)
+    assert jac.shape == (3, 2, 2, 8, 4, 4, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        invnet.saliency(model, x, output=32)
+    with pytest.raises(ValueError, match=r"events of shape \(4, 4, 2\)"):
+        invnet.saliency(model, x[..., :1])
