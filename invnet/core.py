@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet import dispatch
+from invnet import dispatch, splitmm
 
 __all__ = [
     "Bijector",
@@ -372,11 +372,14 @@ class Bijector(nnx.Module):
         return cond.astype(x.dtype)
 
     def _precision_scope(self, dtype):
-        if dtype == jnp.float64 or self.precision == "highest":
-            return jax.default_matmul_precision("highest")
-        if self.precision == "default":
-            return contextlib.nullcontext()
-        return jax.default_matmul_precision(PRECISIONS[self.precision])
+        """The matmul precision of this layer's products, and the `invnet.splitmm` mode of
+        the conditioners' products (error-corrected modes), for a call on ``dtype``."""
+        mode = "highest" if dtype == jnp.float64 else self.precision
+        stack = contextlib.ExitStack()
+        stack.enter_context(splitmm.scoped(mode))  # also undoes an enclosing layer's mode
+        if mode != "default":
+            stack.enter_context(jax.default_matmul_precision(PRECISIONS[mode]))
+        return stack
 
     def _zero_log_det(self, x: jax.Array, *, inverse: bool = False) -> jax.Array:
         return jnp.zeros(self.batch_shape(x, inverse=inverse), dtype=x.dtype)
@@ -538,9 +541,11 @@ def set_precision(model: Bijector, precision: str) -> Bijector:
     fast mode (TF32-like on NVIDIA GPUs: ~1e-3 relative error per product). ``"bf16x6"``,
     ``"bf16x3"``, ``"tf32x3"`` (GPU only): XLA's multi-pass tensor-core algorithms.
     ``"tf32_corrected"`` / ``"bf16_corrected"``: error-corrected split products
-    (`invnet.splitmm`, Ootomo & Yokota 2022) for the GEMMs of `LULinear` (as written and
-    compiled): float32-level accuracy from tensor-core products on GPUs; exact but about 3x
-    slower on CPUs. float64 inputs always run at full precision.
+    (`invnet.splitmm`, Ootomo & Yokota 2022) for the GEMMs of `LULinear` and `Conv1x1` (as
+    written and compiled) and the products of the conditioners invnet builds (`MLP`,
+    `ConvNet`, the masked layers of `MaskedAutoregressive`): float32-level accuracy from
+    tensor-core products on GPUs; exact but about 3x slower on CPUs. float64 inputs always
+    run at full precision.
     """
     check_precision(precision)
     for node in nodes(model):

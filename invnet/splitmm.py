@@ -79,6 +79,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -95,6 +98,11 @@ __all__ = [
     "matmul",
     "dot_general",
     "dot_general_fn",
+    "scoped",
+    "scoped_dot_general",
+    "scoped_matmul",
+    "scoped_conv",
+    "Conv",
 ]
 
 _F32_MANTISSA = 23
@@ -193,10 +201,19 @@ def split(x: jax.Array, bits: int, pieces: int, *, truncate: bool = False) -> li
     return out
 
 
+class Conv(dict):
+    """Keyword arguments of `lax.conv_general_dilated`: passed as ``dims`` to the product
+    functions, the "product" is that convolution (bilinear, so it splits like a matmul)."""
+
+
 def _dot(a, b, dims, precision):
-    """``jnp.matmul`` (``dims=None``) or ``lax.dot_general`` with float32 output."""
+    """``jnp.matmul`` (``dims=None``), ``lax.dot_general`` or a `Conv`, float32 output."""
     if dims is None:
         return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
+    if isinstance(dims, Conv):
+        return lax.conv_general_dilated(
+            a, b, **dims, precision=precision, preferred_element_type=jnp.float32
+        )
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -290,6 +307,91 @@ def dot_general_fn(mode: str, *, emulate: bool = False):
     return run
 
 
+# ------------------------------------------------------- modes chosen by the enclosing layer
+_SCOPE: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar(
+    "invnet_splitmm_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def scoped(mode: str, *, emulate: bool | None = None):
+    """Within this block the ``scoped_*`` products of float32 operands run in ``mode`` (a
+    key of `MODES`) when it is an error-corrected mode (`CORRECTED`); for XLA's own modes
+    they run as written, at the enclosing ``jax.default_matmul_precision``. invnet's layers
+    enter it with their precision setting, so the conditioners they build (`invnet.MLP`,
+    `invnet.ConvNet`, the masked layers of `invnet.MaskedAutoregressive`) follow
+    ``invnet.set_precision(model, "tf32_corrected")``; a user's own conditioner can do the
+    same with `scoped_dot_general` / `scoped_matmul` / `scoped_conv`. ``emulate=True``
+    imitates the tensor cores (see `matmul`); ``None`` keeps the enclosing block's choice,
+    so ``with splitmm.scoped("highest", emulate=True): model.forward(x)`` measures on a CPU
+    what a model set to ``"tf32_corrected"`` computes on a GPU.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, invnet
+        >>> from flax import nnx
+        >>> from invnet import splitmm
+        >>> block = invnet.set_precision(
+        ...     invnet.AffineCoupling(4, rngs=nnx.Rngs(0)), "tf32_corrected")
+        >>> with splitmm.scoped("highest", emulate=True):
+        ...     y, _ = block.forward(jnp.ones((2, 4)))
+        >>> y.shape
+        (2, 4)
+    """
+    if mode not in MODES:
+        raise ValueError(f"splitmm.scoped: mode must be one of {sorted(MODES)}, got {mode!r}")
+    if emulate is None:
+        enclosing = _SCOPE.get()
+        emulate = bool(enclosing and enclosing[1])
+    token = _SCOPE.set((mode, emulate))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def _scope_for(a, b):
+    scope = _SCOPE.get()
+    if scope is None or scope[0] not in CORRECTED:
+        return None  # XLA's own modes: the enclosing jax.default_matmul_precision decides
+    if jnp.result_type(a) != jnp.float32 or jnp.result_type(b) != jnp.float32:
+        return None  # float64 (and anything else) multiplies as written
+    return scope
+
+
+def scoped_dot_general(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw
+):
+    """`lax.dot_general` in the mode of the enclosing `scoped` block (as written outside
+    one): for ``nnx.Linear(..., dot_general=splitmm.scoped_dot_general)``."""
+    scope = _scope_for(lhs, rhs)
+    if scope is None:
+        return lax.dot_general(
+            lhs, rhs, dimension_numbers, precision=precision,
+            preferred_element_type=preferred_element_type, **kw,
+        )  # fmt: skip
+    out = dot_general(lhs, rhs, dimension_numbers, scope[0], emulate=scope[1])
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+
+def scoped_matmul(a, b):
+    """``a @ b`` in the mode of the enclosing `scoped` block (as written outside one)."""
+    scope = _scope_for(a, b)
+    return a @ b if scope is None else matmul(a, b, scope[0], emulate=scope[1])
+
+
+def scoped_conv(lhs, rhs, precision=None, preferred_element_type=None, **conv):
+    """`lax.conv_general_dilated` in the mode of the enclosing `scoped` block: the
+    convolution is split like a matmul (``lhs`` and the kernel ``rhs`` into tensor-core
+    pieces, one convolution per pair of pieces)."""
+    scope = _scope_for(lhs, rhs)
+    if scope is None:
+        return lax.conv_general_dilated(
+            lhs, rhs, precision=precision, preferred_element_type=preferred_element_type, **conv
+        )
+    out = _product(lhs, rhs, scope[0], scope[1], Conv(conv), "splitmm.scoped_conv")
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+
 def _product(a, b, mode, emulate, dims, name):
     if mode not in MODES:
         raise ValueError(f"{name}: mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -297,6 +399,8 @@ def _product(a, b, mode, emulate, dims, name):
     if mode == "highest" or a.dtype == jnp.float64 or b.dtype == jnp.float64:
         if dims is None:
             return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+        if isinstance(dims, Conv):
+            return lax.conv_general_dilated(a, b, **dims, precision=lax.Precision.HIGHEST)
         return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST)
     if a.dtype != jnp.float32 or b.dtype != jnp.float32:
         raise TypeError(f"{name}: expected float32 operands, got {a.dtype}, {b.dtype}")
@@ -317,4 +421,6 @@ def _product(a, b, mode, emulate, dims, name):
             "'tf32_corrected' / 'highest'"
         )
     with jax.default_matmul_precision(_PRESETS[mode]):
+        if isinstance(dims, Conv):
+            return lax.conv_general_dilated(a, b, **dims)
         return jnp.matmul(a, b) if dims is None else lax.dot_general(a, b, dims)

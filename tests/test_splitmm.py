@@ -211,3 +211,63 @@ def test_dot_general_and_flax_linear():
     np.testing.assert_allclose(np.asarray(split_dense(x)), np.asarray(plain(x)), atol=1e-5)
     with pytest.raises(ValueError, match="mode must be one of"):
         splitmm.dot_general_fn("fast")
+
+
+def test_scoped_conv_is_corrected():
+    """A convolution splits like a matmul: emulated tensor cores, float32-level error."""
+    x = jax.random.normal(jax.random.key(9), (2, 6, 6, 8), jnp.float32)
+    k = jax.random.normal(jax.random.key(10), (3, 3, 8, 5), jnp.float32)
+    conv = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    exact = np.asarray(
+        jax.lax.conv_general_dilated(x.astype(jnp.float64), k.astype(jnp.float64), **conv)
+    )
+
+    def err(mode):
+        with splitmm.scoped(mode, emulate=True):
+            out = splitmm.scoped_conv(x, k, **conv)
+        return float(np.max(np.abs(np.asarray(out, np.float64) - exact)) / np.max(np.abs(exact)))
+
+    assert err("tf32_corrected") < 1e-6 and err("bf16_corrected") < 1e-6
+    with splitmm.scoped("default", emulate=True):  # XLA's own modes: as written
+        assert splitmm.scoped_conv(x, k, **conv).dtype == jnp.float32
+    one = splitmm.tensor_product(x, k, "tf32", emulate=True, dims=splitmm.Conv(conv))
+    one_err = float(np.max(np.abs(np.asarray(one, np.float64) - exact)) / np.max(np.abs(exact)))
+    assert one_err > 100 * err("tf32_corrected")  # one TF32 convolution: far worse
+
+
+@pytest.mark.parametrize("kind", ["affine", "spline", "maf", "conv"])
+def test_conditioners_follow_the_corrected_mode(kind, monkeypatch):
+    """set_precision(model, "tf32_corrected") reaches the conditioners' products (3 tensor-
+    core products each, emulated here), with float32-level results; an inner layer set back
+    to "highest", and float64 inputs, multiply as written."""
+    from flax import nnx
+    from registry import perturb
+
+    import invnet
+
+    r = nnx.Rngs(0)
+    build = {
+        "affine": lambda: invnet.AffineCoupling(8, hidden=(16,), rngs=r),
+        "spline": lambda: invnet.SplineCoupling(8, hidden=(16,), rngs=r),
+        "maf": lambda: invnet.MaskedAutoregressive(8, hidden=(16,), rngs=r),
+        "conv": lambda: invnet.ConvAffineCoupling(4, hidden=8, rngs=r),
+    }[kind]
+    shape = (2, 4, 4, 4) if kind == "conv" else (4, 8)
+    x = jax.random.normal(jax.random.key(11), shape, jnp.float32)
+    block = perturb(build(), 0.3)
+    calls = []
+    real = splitmm.tensor_product
+    monkeypatch.setattr(splitmm, "tensor_product", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with invnet.eager():
+        want = block.forward(x.astype(jnp.float64))[0]
+        assert not calls  # float64: as written
+        invnet.set_precision(block, "tf32_corrected")
+        with splitmm.scoped("highest", emulate=True):
+            got = block.forward(x)[0]
+        assert len(calls) == 3 * (3 if kind == "conv" else 2)  # 3 products per layer
+        outer = invnet.set_precision(invnet.Sequential(block), "tf32_corrected")
+        invnet.set_precision(block, "highest")
+        calls.clear()
+        outer.forward(x)
+        assert not calls  # the inner layer's own setting wins
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want), rtol=0, atol=2e-5)

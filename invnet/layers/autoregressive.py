@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision
 from invnet.layers.coupling import _ACTIVATIONS
 from invnet.layers.spline import (
@@ -39,7 +40,7 @@ class MaskedDense(nnx.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         dt = jnp.promote_types(h.dtype, self.kernel[...].dtype)
         weight = jnp.where(self.mask[...], self.kernel[...].astype(dt), 0.0)
-        return h.astype(dt) @ weight + self.bias[...].astype(dt)
+        return splitmm.scoped_matmul(h.astype(dt), weight) + self.bias[...].astype(dt)
 
 
 def made_degrees(dim: int, hidden: Sequence[int], cond_dim: int) -> list[np.ndarray]:

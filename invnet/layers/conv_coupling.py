@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from invnet import splitmm
 from invnet.core import Bijector, Shape, check_precision
 from invnet.layers.coupling import _ACTIVATIONS
 
@@ -31,7 +32,7 @@ class _Conv(nnx.Module):
     def __call__(self, h):
         lead = h.shape[:-3]
         flat = h.reshape(-1, *h.shape[-3:])
-        out = jax.lax.conv_general_dilated(
+        out = splitmm.scoped_conv(  # follows the enclosing layer's precision
             flat,
             self.kernel[...].astype(h.dtype),
             window_strides=(1, 1),

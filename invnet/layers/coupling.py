@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from invnet import splitmm
 from invnet.core import Bijector, check_precision
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "MLP"]
 
+# the products follow the enclosing layer's precision, error-corrected modes included
+_DOT = splitmm.scoped_dot_general
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax.nn.silu}
 
 
@@ -41,14 +44,15 @@ class MLP(nnx.Module):
         self.activation = activation
         self.hidden_layers = nnx.List(
             [
-                nnx.Linear(a, b, param_dtype=param_dtype, rngs=rngs)
+                nnx.Linear(a, b, param_dtype=param_dtype, dot_general=_DOT, rngs=rngs)
                 for a, b in zip(sizes[:-1], sizes[1:], strict=True)
             ]
         )
         zeros = nnx.initializers.zeros_init()
         self.out = nnx.Linear(
-            sizes[-1], out_dim, kernel_init=zeros, param_dtype=param_dtype, rngs=rngs
-        )
+            sizes[-1], out_dim, kernel_init=zeros, param_dtype=param_dtype, dot_general=_DOT,
+            rngs=rngs,
+        )  # fmt: skip
 
     def __call__(self, h: jax.Array) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
