@@ -307,3 +307,22 @@ def test_inverted_actnorm_initialises_on_the_data_side_and_never_in_the_model_in
     fresh.inverse(x)
     norms = [n for n in invnet.core.nodes(fresh) if isinstance(n, invnet.ActNorm)]
     assert len(norms) == 2 and all(n.not_ready() is not None for n in norms)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
+def test_permute_fast_paths_are_the_same_data_movement(shape):
+    """Reverse runs as jnp.flip and other permutations gather rows of the transposed batch
+    on CPU: both must equal plain numpy indexing, under jit too, and invert exactly."""
+    x = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    perm = np.array([3, 0, 4, 1, 2])
+    for layer, p in [
+        (invnet.Permute(5, mode="reverse"), np.arange(5)[::-1]),
+        (invnet.Permute(5, perm=perm), perm),
+    ]:
+        y, _ = layer.forward(jnp.asarray(x))
+        np.testing.assert_array_equal(y, x[..., p])
+        np.testing.assert_array_equal(jax.jit(lambda v, m=layer: m.forward(v)[0])(x), x[..., p])
+        np.testing.assert_array_equal(layer.inverse(y)[0], x)
+    np.testing.assert_array_equal(
+        invnet.layers.permute.take_last(jnp.asarray(x), perm), x[..., perm]
+    )

@@ -13,6 +13,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, check_precision
+from invnet.layers.permute import take_last
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "MLP"]
 
@@ -143,11 +144,11 @@ class _Coupling(Bijector):
         if self.contiguous:
             k = len(self.keep)
             return x[..., :k], x[..., k:]
-        return x[..., np.asarray(self.keep)], x[..., np.asarray(self.change)]
+        return take_last(x, np.asarray(self.keep)), take_last(x, np.asarray(self.change))
 
     def _join(self, x_a, x_b):
         joined = jnp.concatenate([x_a, x_b], axis=-1)
-        return joined if self.contiguous else joined[..., np.asarray(self.order)]
+        return joined if self.contiguous else take_last(joined, np.asarray(self.order))
 
     def _conditioner_out(self, x_a, cond):
         h = x_a if cond is None else jnp.concatenate([x_a, cond], axis=-1)
