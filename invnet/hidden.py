@@ -90,16 +90,12 @@ def saliency(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"saliency: x must be a floating array, got dtype {x.dtype}")
-    rank = len(sub.event_pattern())
-    if x.ndim < rank:
+    pattern = sub.event_pattern()
+    cut = max(x.ndim - len(pattern), 0)
+    batch, event = x.shape[:cut], x.shape[cut:]
+    if unify_shapes(pattern, event) is None:  # also a rank that does not fit
         raise ValueError(
-            f"saliency: the model takes events of rank {rank}, got an array of shape {x.shape}"
-        )
-    batch, event = x.shape[: x.ndim - rank], x.shape[x.ndim - rank :]
-    if unify_shapes(sub.event_pattern(), event) is None:
-        raise ValueError(
-            f"saliency: the model takes events of shape {_fmt(sub.event_pattern())}, "
-            f"got x of shape {x.shape}"
+            f"saliency: the model takes events of shape {_fmt(pattern)}, got x of shape {x.shape}"
         )
     state_shape = tuple(sub.output_shape(event))
     size_in, size_out = math.prod(event), math.prod(state_shape)
