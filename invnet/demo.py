@@ -85,34 +85,22 @@ def plot_flow(flow, x, samples, path, *, title: str = "") -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
+def _missing_extras() -> list[str]:
+    return [m for m in ("matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
+
+
+def _train(args: argparse.Namespace):
+    """Build and fit the demo flow on two moons; returns (flow, history, x_train)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import optax
-    from flax import nnx
 
     import invnet
 
-    missing = [m for m in ("matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(
-            f"invnet demo needs {' and '.join(missing)} (plots and the two-moons data): "
-            "pip install 'invnet[examples]' (from a clone: pip install -e '.[examples]')",
-            file=sys.stderr,
-        )
-        return 2
-    t0 = time.perf_counter()
     epochs = 5 if args.quick else args.epochs
     n_train = 512 if args.quick else 2000
     x_train, x_val = moons(n_train, seed=args.seed), moons(500, seed=args.seed + 1)
     blocks, hidden = (
-        (min(args.blocks, 2), min(args.hidden, 32))
-        if args.quick
-        else (
-            args.blocks,
-            args.hidden,
-        )
+        (min(args.blocks, 2), min(args.hidden, 32)) if args.quick else (args.blocks, args.hidden)
     )
     flow = build_flow(blocks=blocks, hidden=hidden, seed=args.seed)
     print(
@@ -130,21 +118,54 @@ def run(args: argparse.Namespace) -> int:
         key=args.seed,
         progress=not args.no_progress,
     )
+    return flow, history, x_train
 
-    # reverse: sample new points by running the model backwards
-    samples = flow.sample(jax.random.key(args.seed + 1), 2000)
-    # exact reconstruction of every training point from its latent
-    x = jnp.asarray(x_train)
+
+def _round_trip(flow, x) -> tuple[float, float, float]:
+    """Every point through the jitted forward and back: (max error, relative, log-det error)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     graphdef, state = nnx.split(flow)
     fwd = jax.jit(lambda s, v: nnx.merge(graphdef, s).forward(v))
     inv = jax.jit(lambda s, v: nnx.merge(graphdef, s).inverse(v))
     z, log_det = fwd(state, x)
     x_back, inv_log_det = inv(state, z)
-
     err = float(jnp.max(jnp.abs(x_back - x)))
-    rel = err / float(jnp.max(jnp.abs(x)))
-    ld_err = float(jnp.max(jnp.abs(log_det + inv_log_det)))
+    return err, err / float(jnp.max(jnp.abs(x))), float(jnp.max(jnp.abs(log_det + inv_log_det)))
 
+
+def _print_rows(rows) -> None:
+    width = max(len(r[0]) for r in rows)
+    print()
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print()
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import invnet
+
+    missing = _missing_extras()
+    if missing:
+        print(
+            f"invnet demo needs {' and '.join(missing)} (plots and the two-moons data): "
+            "pip install 'invnet[examples]' (from a clone: pip install -e '.[examples]')",
+            file=sys.stderr,
+        )
+        return 2
+    t0 = time.perf_counter()
+    flow, history, x_train = _train(args)
+    # reverse: sample new points by running the model backwards
+    samples = flow.sample(jax.random.key(args.seed + 1), 2000)
+    # exact reconstruction of every training point from its latent
+    x = jnp.asarray(x_train)
+    err, rel, ld_err = _round_trip(flow, x)
     # verify: both round trips, per layer, log-det vs autodiff Jacobian, float64 drift
     report = invnet.verify(flow, x[:256])
     print()
@@ -159,23 +180,20 @@ def run(args: argparse.Namespace) -> int:
         title=f"two moons, {history.epochs} epochs: validation NLL {history.best_loss:.3f} nats",
     )
     gauss_nll = 0.5 * 2 * np.log(2 * np.pi * np.e) + 0.5 * np.log(np.linalg.det(np.cov(x_train.T)))
-    rows = [
-        ("epochs, optimizer steps", f"{history.epochs}, {history.steps}"),
-        ("validation NLL (nats), best", f"{history.best_loss:.3f}"),
-        ("  best Gaussian fit, for scale", f"{gauss_nll:.3f}"),
-        ("samples drawn by the inverse", f"{samples.shape[0]}"),
-        ("max |x - f⁻¹(f(x))| (train set)", f"{err:.2e}"),
-        ("relative round-trip error", f"{rel:.2e}"),
-        ("max |log_det + inverse log_det|", f"{ld_err:.2e}"),
-        ("non-finite training steps", f"{history.nonfinite_steps}"),
-        ("plot", str(path)),
-        ("wall time", f"{time.perf_counter() - t0:.1f} s"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print()
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    print()
+    _print_rows(
+        [
+            ("epochs, optimizer steps", f"{history.epochs}, {history.steps}"),
+            ("validation NLL (nats), best", f"{history.best_loss:.3f}"),
+            ("  best Gaussian fit, for scale", f"{gauss_nll:.3f}"),
+            ("samples drawn by the inverse", f"{samples.shape[0]}"),
+            ("max |x - f⁻¹(f(x))| (train set)", f"{err:.2e}"),
+            ("relative round-trip error", f"{rel:.2e}"),
+            ("max |log_det + inverse log_det|", f"{ld_err:.2e}"),
+            ("non-finite training steps", f"{history.nonfinite_steps}"),
+            ("plot", str(path)),
+            ("wall time", f"{time.perf_counter() - t0:.1f} s"),
+        ]
+    )
     print(
         "Shown: a model trained forward (x -> z) ran backwards exactly: new samples from "
         "noise, and every training point recovered from its latent."
