@@ -36,9 +36,9 @@ layer's own file): `Bijector.error_bound` (how much a round trip can amplify rou
 used by `invnet.verify`), `Bijector.prepare` / `forward_prepared` / `inverse_prepared` (what
 `invnet.compile` precomputes and how it is applied), `Bijector.not_ready` /
 `reset_data_init` (data-dependent initialisation). Every tool walks a model through
-`nodes` (every bijector, for settings and hooks) or `steps` (the leaf layers in the order
-``forward`` applies them, for per-layer checks), both built from each container's `chain`.
-"""
+`invnet.walk`: `nodes` (every bijector, for settings and hooks) or `steps` (the leaf layers
+in the order ``forward`` applies them, for per-layer checks), both built from each
+container's `chain`. `invnet.bases` has the bases of elementwise layers and wrappers."""
 
 from __future__ import annotations
 
@@ -46,8 +46,6 @@ import contextlib
 import contextvars
 import inspect
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -413,119 +411,9 @@ class Bijector(nnx.Module):
         return spec
 
 
-class Elementwise(Bijector):
-    """Base of elementwise bijections ``y_i = f(x_i)``: any event size, and an event rank
-    (the axes the log-det sums over) that is either given (``event_ndim=k``) or, when left
-    at ``None``, taken from the neighbouring layers in a `Sequential` (1 on its own)."""
-
-    def _init_event(self, event_ndim: int | None) -> None:
-        if event_ndim is not None and (not isinstance(event_ndim, int) or event_ndim < 1):
-            raise ValueError(
-                f"{type(self).__name__}: event_ndim must be a positive integer or None, "
-                f"got {event_ndim!r}"
-            )
-        self._auto_rank = event_ndim is None
-        self.event_ndim = 1 if event_ndim is None else int(event_ndim)
-
-    def flexible_rank(self) -> bool:
-        return self._auto_rank
-
-    def _adopt_event_ndim(self, ndim: int) -> bool:
-        if ndim != self.event_ndim and self._auto_rank:
-            self.event_ndim = ndim
-        return ndim == self.event_ndim
-
-    def _event_config(self) -> dict[str, Any]:
-        return {"event_ndim": None if self._auto_rank else self.event_ndim}
-
-
-class Delegate(Bijector):
-    """Base of wrappers that run one inner bijector as it is (`invnet.Flow`,
-    `invnet.Reversible`): events, hooks and the chain come from the inner one."""
-
-    def inner(self) -> Bijector:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _copy_shape(self) -> None:
-        inner = self.inner()
-        self.cond_dim = inner.cond_dim
-        self.event_ndim = len(inner.event_pattern())
-        self.dim = inner.dim
-
-    def event_pattern(self) -> Shape:
-        return self.inner().event_pattern()
-
-    def output_shape(self, shape: Shape) -> Shape:
-        return self.inner().output_shape(shape)
-
-    def input_shape(self, shape: Shape) -> Shape:
-        return self.inner().input_shape(shape)
-
-    def flexible_rank(self) -> bool:
-        return self.inner().flexible_rank()
-
-    def _adopt_event_ndim(self, ndim: int) -> bool:
-        ok = self.inner()._adopt_event_ndim(ndim)
-        self._copy_shape()
-        return ok
-
-    def error_bound(self) -> tuple[float, str]:
-        return self.inner().error_bound()
-
-
 def _lookup_prepared(layer: Bijector) -> Any:
     table = _PREPARED.get()
     return None if table is None else table.get(id(layer))
-
-
-# --------------------------------------------------------------------- the one walk
-@dataclass(frozen=True)
-class Step:
-    """One leaf layer of a model, as ``forward`` meets it: ``inverted`` when the model runs
-    the layer's ``inverse`` there (inside an `Inverse`). ``name`` is its path, e.g.
-    ``model[2].bijector``."""
-
-    name: str
-    layer: Bijector
-    inverted: bool
-
-    def forward(self, h, cond=None):
-        """This step as the model's ``forward`` applies it."""
-        cond = cond if self.layer.cond_dim else None
-        if self.inverted:
-            with _flipped():
-                return self.layer.inverse(h, cond=cond)
-        return self.layer.forward(h, cond=cond)
-
-    def inverse(self, h, cond=None):
-        """This step as the model's ``inverse`` applies it."""
-        cond = cond if self.layer.cond_dim else None
-        if self.inverted:
-            with _flipped():
-                return self.layer.forward(h, cond=cond)
-        return self.layer.inverse(h, cond=cond)
-
-
-def steps(model: Bijector, name: str = "model", inverted: bool = False) -> list[Step]:
-    """The leaf layers of ``model`` in the order its ``forward`` applies them.
-
-    Chains (`Sequential`, `Inverse`, `invnet.Flow`, `invnet.Reversible`, ...) are opened
-    through their `Bijector.chain`; ``Inverse`` flips the direction and the order. A layer
-    that is not a chain is one step."""
-    parts = model.chain()
-    if parts is None:
-        return [Step(name, model, inverted)]
-    out: list[Step] = []
-    for suffix, child, flip in reversed(parts) if inverted else parts:
-        out += steps(child, name + suffix, inverted != flip)
-    return out
-
-
-def nodes(model: Bijector) -> Iterator[Bijector]:
-    """Every bijector in ``model`` (itself first, then its children, depth first)."""
-    yield model
-    for child in model.children():
-        yield from nodes(child)
 
 
 def check_precision(precision: str) -> str:
@@ -534,42 +422,11 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def set_precision(model: Bijector, precision: str) -> Bijector:
-    """Set the matmul precision of every layer in ``model`` (in place); returns ``model``.
-
-    ``"highest"`` (default): full float32 on every platform. ``"default"``: the platform's
-    fast mode (TF32-like on NVIDIA GPUs: ~1e-3 relative error per product). ``"bf16x6"``,
-    ``"bf16x3"``, ``"tf32x3"`` (GPU only): XLA's multi-pass tensor-core algorithms.
-    ``"tf32_corrected"`` / ``"bf16_corrected"``: error-corrected split products
-    (`invnet.splitmm`, Ootomo & Yokota 2022) for the GEMMs of `LULinear` and `Conv1x1` (as
-    written and compiled) and the products of the conditioners invnet builds (`MLP`,
-    `ConvNet`, the masked layers of `MaskedAutoregressive`): float32-level accuracy from
-    tensor-core products on GPUs; exact but about 3x slower on CPUs. float64 inputs always
-    run at full precision.
-    """
-    check_precision(precision)
-    for node in nodes(model):
-        node.precision = precision
-    return model
-
-
-def from_spec(spec: dict[str, Any], *, rngs: nnx.Rngs | None = None) -> Bijector:
-    """Rebuild a model (with fresh parameters) from ``Bijector.to_spec()`` output."""
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    kind = spec.get("type")
-    cls = _LAYER_TYPES.get(kind)
-    if cls is None:
-        raise ValueError(f"unknown layer type {kind!r}; known: {sorted(_LAYER_TYPES)}")
-    config = dict(spec.get("config", {}))
-    children = [from_spec(c, rngs=rngs) for c in spec.get("children", [])]
-    layer = cls.from_config(config, children, rngs=rngs)
-    layer.precision = check_precision(spec.get("precision", "highest"))
-    return layer
-
-
 def event_size(shape: Shape) -> int | None:
     """The number of elements of an event shape, or None if a size is open."""
     return None if any(s is None for s in shape) else math.prod(shape)
 
 
-from invnet.containers import Inverse, Sequential  # noqa: E402  (they build on the above)
+# they build on the above; part of this module's surface (see __all__)
+from invnet.containers import Inverse, Sequential  # noqa: E402
+from invnet.walk import Step, nodes, set_precision, steps  # noqa: E402

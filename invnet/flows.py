@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from invnet import dispatch
-from invnet.core import Bijector, Delegate, unify_shapes
+from invnet.bases import Delegate
+from invnet.core import Bijector, unify_shapes
 
 __all__ = ["Flow", "StandardNormal"]
 

@@ -49,7 +49,8 @@ import safetensors.numpy
 from flax import nnx
 
 from invnet import _io_legacy as io_legacy
-from invnet.core import Bijector, from_spec
+from invnet.core import Bijector
+from invnet.walk import from_spec
 
 __all__ = [
     "save", "load", "read_file", "ModelFile", "read_metadata", "read_extra_arrays",

@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from invnet.core import Bijector, Delegate, Sequential, nodes, prepared_active
+from invnet.bases import Delegate
+from invnet.core import Bijector, Sequential, nodes, prepared_active
 
 __all__ = ["Reversible", "reversible"]
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet.core import Elementwise
+from invnet.bases import Elementwise
 
 __all__ = ["LeakyReLU", "Tanh", "Sigmoid"]
 

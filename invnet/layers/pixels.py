@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from invnet.core import Elementwise
+from invnet.bases import Elementwise
 
 __all__ = ["Dequantize", "Logit"]
 
