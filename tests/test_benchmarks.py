@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -48,9 +49,19 @@ def test_whole_suite_tiny(tmp_path):
     assert (tmp_path / "table.md").exists()
 
 
-def test_images_quick(tmp_path):
+def _normflows_importable() -> bool:
+    try:
+        import normflows  # noqa: F401
+        import torch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "skip"
+        return False
+    return True
+
+
+def test_images_quick(tmp_path, capsys):
     images = _load("images")
     assert images.main(["--quick", "--no-plot", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
     (path,) = tmp_path.glob("images_*.json")
     results = json.loads(path.read_text())
     assert results["env"]["jax"] and results["env"]["mode"] == "quick"
@@ -75,4 +86,57 @@ def test_images_quick(tmp_path):
     assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"compiled", "reversible"}
     text = path.with_suffix(".md").read_text()
     assert "## Conv1x1" in text and "## Reversible vs ordinary" in text
-    assert "normflows" in text
+    # the normflows (PyTorch) peer: measured where it imports, else skipped with a reason
+    # and the CPU-torch install line, in the output, the JSON and the table
+    peer, rows = results["peers"]["normflows"], results["train_peers"]
+    (target,) = [t for t in results["targets"] if "normflows" in t["target"]]
+    assert target["cmp"] == ">=" and target["bound"] == images.TARGET_TRAIN_SPEEDUP
+    if _normflows_importable():
+        assert peer["skipped"] is None and rows
+        assert {r["torch_threads"] for r in rows} == set(peer["torch_threads"])
+        for r in rows:
+            assert r["normflows_images_per_s"] > 0 and r["normflows_loss_decreased"], r
+            assert r["speedup"] == pytest.approx(
+                r["invnet_images_per_s"] / r["normflows_images_per_s"]
+            )
+        assert target["value"] == min(r["speedup"] for r in rows)
+        assert "## Glow training step: invnet vs normflows" in text
+    else:
+        install = "pip install torch==2.13.0 normflows"
+        assert peer["skipped"].startswith("not importable") and rows == []
+        assert "normflows peer skipped" in printed and install in printed
+        assert "normflows peer skipped" in text and install in text
+        assert "skipped" in target["target"] and target["value"] is None
+        assert target["met"] is None
+
+
+def test_images_normflows_glow_is_invnet_glow():
+    """normflows' Glow as built for the peer has invnet.glow's architecture: the same latent
+    size and log-density shape, and parameter counts that differ only by invnet's 1x1-conv
+    bias (C per step). Runs where normflows and torch import (the peers-torch extra)."""
+    if not _normflows_importable():
+        pytest.skip("normflows / torch not installed (pip install torch==2.13.0 normflows)")
+    import jax
+    from flax import nnx
+
+    import invnet
+
+    images = _load("images")
+    peer, info = images.load_normflows()
+    torch, _ = peer
+    for shape, levels, steps, hidden in (((8, 8, 1), 2, 1, 8), ((16, 16, 3), 3, 2, 4)):
+        flow = invnet.glow(shape, levels=levels, steps=steps, hidden=hidden, rngs=nnx.Rngs(0))
+        n_invnet = sum(p.size for p in jax.tree.leaves(nnx.state(flow, nnx.Param)))
+        model = images._nf_glow(torch, peer[1], shape, levels, steps, hidden)
+        n_nf = sum(p.numel() for p in model.parameters())
+        channels = [shape[2] * 2 ** (level + 1) for level in range(1, levels + 1)]
+        assert n_invnet - n_nf == steps * sum(channels), (shape, n_invnet, n_nf)
+        x = torch.rand(5, shape[2], shape[0], shape[1])
+        with torch.no_grad():
+            z, _ = model.inverse_and_log_det(x)
+            assert sum(zi[0].numel() for zi in z) == flow.latent_shape()[0]
+            assert model.log_prob(x, None).shape == (5,)
+    spec = dict(shape=(8, 8, 1), levels=2, steps=1, hidden=8)
+    x = np.random.default_rng(0).random((8, 8, 8, 1), np.float32)
+    _, losses, _, _ = images._nf_train(peer, spec, x, x, 3, info["torch_threads"][-1])
+    assert losses[-1] < losses[0]
