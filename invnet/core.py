@@ -422,6 +422,15 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def wider_float(*dtypes) -> jnp.dtype:
+    """The widest floating dtype among ``dtypes`` (float32 if none is floating), chosen
+    explicitly where two dtypes meet (a conditioner's input and its parameters, a model's
+    output and a target): what JAX's standard promotion would give, without relying on
+    implicit promotion, which ``jax_numpy_dtype_promotion="strict"`` refuses."""
+    floats = [jnp.dtype(d) for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    return max(floats, key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
+
+
 def event_size(shape: Shape) -> int | None:
     """The number of elements of an event shape, or None if a size is open."""
     return None if any(s is None for s in shape) else math.prod(shape)

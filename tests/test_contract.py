@@ -158,6 +158,34 @@ def test_gradients_reach_every_param(case):
 
 
 @cases
+@pytest.mark.parametrize(
+    "param_dtype, input_dtype",
+    [("float32", "float64"), ("float64", "float32")],
+    ids=["f32-params-f64-input", "f64-params-f32-input"],
+)
+def test_input_dtype_wins_over_the_parameters(case, param_dtype, input_dtype):
+    """The input's dtype wins: outputs keep it and parameters are cast to it (invnet.core),
+    with every cast explicit: the suite runs under strict dtype promotion (tests/conftest.py),
+    where an implicit float32/float64 op raises. Forward, inverse and parameter gradients."""
+    model, state, fwd, inv = _model_and_fns(case, param_dtype)
+    x, cond = _inputs(case, input_dtype)
+    y, ld = fwd(state, x, cond)
+    xb, ild = inv(state, y, cond)
+    for arr in (y, ld, xb, ild):
+        assert arr.dtype == jnp.dtype(input_dtype)
+    assert _rel(xb, x) <= case.tol32  # float32 somewhere on the way: float32's bound
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        out, log_det = nnx.merge(graphdef, p, rest).forward(x, cond=cond)
+        return jnp.sum(out**2) + jnp.sum(log_det)
+
+    grads = jax.grad(loss)(params)
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True):
+        assert g.dtype == p.dtype and bool(jnp.all(jnp.isfinite(g)))
+
+
+@cases
 @params
 def test_save_load_identical(case, dtype):
     model, *_ = _model_and_fns(case, dtype)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from invnet import splitmm
-from invnet.core import Bijector, Buffer, check_precision
+from invnet.core import Bijector, Buffer, check_precision, wider_float
 from invnet.layers.coupling import _ACTIVATIONS
 from invnet.layers.spline import (
     SPLINE_BOUND,
@@ -38,7 +38,7 @@ class MaskedDense(nnx.Module):
         self.mask = Buffer(jnp.asarray(mask, bool))
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        dt = jnp.promote_types(h.dtype, self.kernel[...].dtype)
+        dt = wider_float(h.dtype, self.kernel[...].dtype)  # explicit: no implicit promotion
         weight = jnp.where(self.mask[...], self.kernel[...].astype(dt), 0.0)
         return splitmm.scoped_matmul(h.astype(dt), weight) + self.bias[...].astype(dt)
 

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from invnet import splitmm
-from invnet.core import Bijector, check_precision
+from invnet.core import Bijector, check_precision, wider_float
 from invnet.layers.permute import take_last
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "MLP"]
@@ -20,6 +20,14 @@ __all__ = ["AffineCoupling", "AdditiveCoupling", "MLP"]
 # the products follow the enclosing layer's precision, error-corrected modes included
 _DOT = splitmm.scoped_dot_general
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax.nn.silu}
+
+
+def _promote_wider(args, /, *, dtype=None):
+    """``promote_dtype`` for ``nnx.Linear``: cast ``(inputs, kernel, bias)`` to ``dtype``, or
+    to the wider float dtype of the inputs and the kernel (see `wider_float`)."""
+    present = [a for a in args if a is not None]
+    dtype = wider_float(*(a.dtype for a in present)) if dtype is None else dtype
+    return tuple(None if a is None else jnp.asarray(a, dtype) for a in args)
 
 
 class MLP(nnx.Module):
@@ -43,17 +51,14 @@ class MLP(nnx.Module):
             raise ValueError(f"MLP: activation must be one of {sorted(_ACTIVATIONS)}")
         sizes = [in_dim, *hidden]
         self.activation = activation
+        opts = dict(
+            param_dtype=param_dtype, dot_general=_DOT, promote_dtype=_promote_wider, rngs=rngs
+        )
         self.hidden_layers = nnx.List(
-            [
-                nnx.Linear(a, b, param_dtype=param_dtype, dot_general=_DOT, rngs=rngs)
-                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-            ]
+            [nnx.Linear(a, b, **opts) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
         zeros = nnx.initializers.zeros_init()
-        self.out = nnx.Linear(
-            sizes[-1], out_dim, kernel_init=zeros, param_dtype=param_dtype, dot_general=_DOT,
-            rngs=rngs,
-        )  # fmt: skip
+        self.out = nnx.Linear(sizes[-1], out_dim, kernel_init=zeros, **opts)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
