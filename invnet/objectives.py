@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from invnet import dispatch
+from invnet.core import wider_float
 from invnet.flows import StandardNormal
 
 __all__ = ["MaximumLikelihood", "Regression", "InverseProblem", "mmd", "sample_posterior"]
@@ -47,7 +48,9 @@ class Regression:
 
     def __call__(self, model, batch, key=None):
         y_pred, _ = model.forward(batch["x"], cond=batch.get("cond"))
-        return jnp.mean((y_pred - batch["y"]) ** 2)
+        y = batch["y"]
+        dt = wider_float(y_pred.dtype, y.dtype)  # a float32 x with a float64 y: in float64
+        return jnp.mean((y_pred.astype(dt) - y.astype(dt)) ** 2)
 
 
 def mmd(a: jax.Array, b: jax.Array, scales=(0.05, 0.2, 0.9)) -> jax.Array:
@@ -108,18 +111,19 @@ class InverseProblem:
             raise ValueError(f"InverseProblem: y has {y.shape[-1]} features, y_dim={self.y_dim}")
         out, log_det = model.forward(x, cond=batch.get("cond"))
         y_pred, z = out[..., : self.y_dim], out[..., self.y_dim :]
+        dt = wider_float(out.dtype, y.dtype)  # the loss: in the wider of the output's and y's
+        sq_err = (y_pred.astype(dt) - y.astype(dt)) ** 2
         if self.z_loss == "mle":
             s2 = self.y_sigma**2
-            nll_y = jnp.sum((y_pred - y) ** 2, -1) / (2 * s2) + 0.5 * self.y_dim * math.log(
-                2 * math.pi * s2
-            )
-            nll = nll_y - StandardNormal().log_prob(z) - log_det
+            nll_y = jnp.sum(sq_err, -1) / (2 * s2) + 0.5 * self.y_dim * math.log(2 * math.pi * s2)
+            nll = nll_y - StandardNormal().log_prob(z).astype(dt) - log_det.astype(dt)
             return jnp.mean(nll)
         eps = jax.random.normal(key, z.shape, z.dtype)
         joint = jnp.concatenate([jax.lax.stop_gradient(y_pred), z], axis=-1)
         target = jnp.concatenate([y.astype(z.dtype), eps], axis=-1)
-        fit_y = jnp.mean((y_pred - y) ** 2)
-        return self.y_weight * fit_y + self.z_weight * mmd(joint, target, self.mmd_scales)
+        fit_y = jnp.mean(sq_err)
+        z_fit = mmd(joint, target, self.mmd_scales).astype(dt)
+        return self.y_weight * fit_y + self.z_weight * z_fit
 
 
 def sample_posterior(model, y, key, *, n: int | None = None, temperature: float = 1.0, cond=None):

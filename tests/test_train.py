@@ -223,3 +223,22 @@ def test_fit_initialises_actnorm_from_data():
     norm = flow.bijector[0]
     assert bool(norm.initialized[...]) and np.isfinite(history.train_loss[0])
     np.testing.assert_allclose(norm.bias[...], -x.mean(0), atol=0.05)
+
+
+def test_objectives_take_a_target_of_another_dtype():
+    """x and y of different float dtypes (a float32 x with float64 targets, or the reverse):
+    the loss is computed in the wider dtype with explicit casts (the suite runs under strict
+    dtype promotion, where an implicit float32/float64 op raises), as by hand in float64."""
+    model = invnet.Flow(invnet.AffineCoupling(3, hidden=(4,), rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    x64, y64 = rng.normal(size=(8, 3)), rng.normal(size=(8, 3))
+    for x, y in ((x64.astype(np.float32), y64), (x64, y64.astype(np.float32))):
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        loss = invnet.Regression()(model, {"x": x, "y": y})
+        y_pred = np.asarray(model.forward(x)[0], np.float64)
+        assert loss.dtype == jnp.float64
+        np.testing.assert_allclose(loss, np.mean((y_pred - np.asarray(y, np.float64)) ** 2))
+        for z_loss in ("mle", "mmd"):
+            objective = invnet.InverseProblem(y_dim=1, z_loss=z_loss)
+            loss = objective(model, {"x": x, "y": y[:, :1]}, jax.random.key(0))
+            assert loss.dtype == jnp.float64 and bool(jnp.isfinite(loss))
