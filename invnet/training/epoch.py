@@ -95,8 +95,13 @@ def _make_epoch_fn(graphdef, objective, tx, batch_size: int, halt_on_nonfinite: 
             return objective(nnx.merge(graphdef, p, rest, copy=True), batch, key)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        # the optimizer is optax's code (or the user's), not invnet's: optax's adam mixes a
+        # weak float with an int32 step count (``b1 ** count``), which a test suite or a user
+        # running with jax_numpy_dtype_promotion="strict" would refuse; the model's own
+        # computation above stays under whatever promotion mode the caller set
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & all_finite(grads)
         finite = finite & all_finite(new_params) & all_finite(new_opt_state)
         apply = finite & ~halted
