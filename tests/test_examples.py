@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -38,14 +40,26 @@ NAMES = [
 ]
 
 
-def _run(name, tmp_path):
-    results = _load(name).main(["--quick", "--out", str(tmp_path)])
+def _run(name, tmp_path, promotion=None):
+    """Run an example's quick mode; ``promotion="standard"`` for an example whose own code
+    is not clean under the suite's strict dtype promotion (see `USER_CODE_PROMOTES`)."""
+    scope = jax.numpy_dtype_promotion(promotion) if promotion else contextlib.nullcontext()
+    with scope:
+        results = _load(name).main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
     return results
 
 
+# Examples 01 and 03 train with optax directly (optax's adam raises its decay rate, a weak
+# float, to an int32 step count) and, with x64 on in the suite, mix float64 arrays with
+# float32 parameters in their own code (01's nnx.Linear, 03's parameter noise): the user's
+# code, not invnet's, so they run under JAX's standard promotion. The invnet calls they
+# make are covered under strict by the rest of the suite.
+USER_CODE_PROMOTES = "standard"
+
+
 def test_01_reverse_regression(tmp_path):
-    r = _run("01_reverse_regression", tmp_path)
+    r = _run("01_reverse_regression", tmp_path, USER_CODE_PROMOTES)
     assert abs(r["x_gd"] - r["x_exact"]) < 2.0  # gradient descent settles near the exact x
     assert r["inn_round_trip"] < 1e-4  # float32 round trip of the invnet model
     assert r["relu_error"] > 10 * r["inn_round_trip"]
@@ -60,7 +74,7 @@ def test_02_digits_conditional_samples_are_their_class(tmp_path):
 
 
 def test_03_exact_vs_gradient_descent(tmp_path):
-    r = _run("03_exact_vs_gradient_descent", tmp_path)
+    r = _run("03_exact_vs_gradient_descent", tmp_path, USER_CODE_PROMOTES)
     assert r["exact_error"] < 1e-5
     assert min(r["gd_errors"].values()) > 100 * r["exact_error"]
 

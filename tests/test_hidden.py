@@ -55,9 +55,8 @@ def test_input_for_hidden_sets_the_unit_and_keeps_the_rest(model):
         units = [unit] if isinstance(unit, int) else unit
         others = [j for j in range(D) if j not in units]
         scale = float(jnp.abs(h_old).max())
-        assert jnp.allclose(
-            h_new[:, units], jnp.broadcast_to(value, (16, len(units))), atol=tol * scale
-        )
+        target = jnp.broadcast_to(jnp.asarray(value, h_new.dtype), (16, len(units)))
+        assert jnp.allclose(h_new[:, units], target, atol=tol * scale)
         assert jnp.allclose(h_new[:, others], h_old[:, others], atol=tol * scale)
         assert not jnp.allclose(x_new, x, atol=1e-3)  # the input really had to change
     with pytest.raises(ValueError, match=r"\[0, 4\]"):

@@ -67,7 +67,7 @@ def test_bits_per_dim_accounts_for_the_scale_of_the_flows_input():
     np.testing.assert_allclose(inside, outside, rtol=1e-5)
     # by hand: the same noise, the density of the dequantised pixels in bits per value
     x = invnet.dequantize(jax.random.fold_in(jax.random.key(3), 0), pixels)
-    by_hand = -_vector_flow(True).log_prob(x) / (4 * np.log(2))
+    by_hand = -_vector_flow(True).log_prob(x) / (4 * float(np.log(2)))  # a weak scalar
     np.testing.assert_allclose(inside, by_hand, rtol=1e-5)
     averaged = invnet.bits_per_dim(_vector_flow(True), pixels, key=3, samples=3)
     assert averaged.shape == (32,) and bool(jnp.all(jnp.isfinite(averaged)))
