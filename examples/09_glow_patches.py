@@ -42,7 +42,7 @@ def patches(rng: np.random.Generator, n: int, held_out: bool) -> np.ndarray:
         lo, hi = (edge, w - P) if held_out else (0, edge - P)
         rows = rng.integers(0, h - P + 1, n // 2 + (i == 0) * (n % 2))
         cols = rng.integers(lo, hi + 1, rows.size)
-        out += [image[r : r + P, c : c + P] for r, c in zip(rows, cols)]
+        out += [image[r : r + P, c : c + P] for r, c in zip(rows, cols, strict=True)]
     return np.stack(out).astype(np.float64)
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     n_train, n_test, epochs, steps, hidden, flat_hidden, blocks = (
-        (1000, 200, 3, 1, 16, 16, 4) if args.quick else (6000, 1000, 6, 3, 32, 32, 6)
+        (1000, 200, 3, 1, 16, 16, 4) if args.quick else (8000, 1000, 8, 3, 32, 32, 6)
     )
     train, test = patches(rng, n_train, False), patches(rng, n_test, True)
     u = np.asarray(invnet.dequantize(args.seed, train, levels=LEVELS)) / LEVELS
