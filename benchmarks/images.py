@@ -569,10 +569,11 @@ def markdown(results) -> str:
         "(interleaved samples, `block_until_ready`).",
         "",
     ]
-    if plat == "cpu":
+    busy = max(env["load_before"], env["load_after"]) > (os.cpu_count() or 1) + 0.5
+    if plat == "cpu" and busy:
         lines += [
-            "**Noisy**: measured on a shared 2-core machine while another process ran the "
-            "test suite; samples are interleaved so a slow phase hits every variant alike, "
+            "**Noisy**: the load average says other processes shared the cores during this "
+            "run; samples are interleaved so a slow phase hits every variant alike, "
             "but single figures can be off by 2x (XLA's multi-threaded CPU kernels, e.g. the "
             "triangular solves, suffer most when the cores are busy), and ratios of calls of "
             "equal cost (the compiled forward and inverse) moved by about +-15% between runs. "
