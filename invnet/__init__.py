@@ -4,6 +4,8 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
+from invnet._runtime import eager
+from invnet._version import __version__
 from invnet.benchmarking import BenchReport, bench
 from invnet.builders import spline_flow
 from invnet.compiled import (
@@ -14,9 +16,9 @@ from invnet.compiled import (
     StaleCompiledError,
     compile,
 )
+from invnet.containers import Inverse, Sequential
 from invnet.convert import NotInvertibleError, from_dense
-from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
-from invnet.dispatch import eager
+from invnet.core import PRECISIONS, Bijector, Buffer, set_precision
 from invnet.flows import Flow, StandardNormal
 from invnet.glow import glow
 from invnet.hidden import input_for_hidden, saliency
@@ -53,9 +55,8 @@ from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verification import VerifyReport, verify
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "Bijector",
     "Buffer",
     "Sequential",

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from invnet._version import __version__
 from invnet.core import Bijector
 
 __all__ = ["bench", "BenchReport", "SCHEMA", "MODES", "OPS"]
@@ -289,7 +290,7 @@ def bench(
             model=_describe(model, event, dtype),
             batch_size=batch_size,
             device={"platform": dev.platform, "kind": dev.device_kind, "name": str(dev)},
-            versions={"jax": jax.__version__, "invnet": _invnet_version()},
+            versions={"jax": jax.__version__, "invnet": __version__},
             repeats=repeats,
             warmup=warmup,
             min_time=min_time,
@@ -436,9 +437,3 @@ def _peak_memory(dev: jax.Device) -> int | None:
         return None
     peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
     return None if peak is None else int(peak)
-
-
-def _invnet_version() -> str:
-    import invnet
-
-    return getattr(invnet, "__version__", "unknown")

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet.core import Sequential
+from invnet.containers import Sequential
 from invnet.flows import Flow
 from invnet.layers import MaskedAutoregressive, Permute, SplineCoupling
 

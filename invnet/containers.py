@@ -7,7 +7,7 @@ from typing import Any
 
 from flax import nnx
 
-from invnet import dispatch
+from invnet import _runtime
 from invnet.core import Bijector, Shape, _flipped, _fmt, unify_shapes
 
 __all__ = ["Sequential", "Inverse"]
@@ -150,15 +150,12 @@ class Sequential(Bijector):
     def from_config(cls, config, children, *, rngs):
         return cls(*children)
 
+    @_runtime.compiled
     def forward(self, x, *, cond=None, return_intermediates: bool = False):
         """Apply every layer in order. With ``return_intermediates=True`` also returns the
         list of each layer's output (``hs[k]`` is the state after layer ``k``). Compiled on
         concrete arrays, as `Bijector.forward`."""
         x = self._check_input(x, "x")
-        statics = (("return_intermediates", True),) if return_intermediates else ()
-        out = dispatch.call(dispatch.forward, self, (x, cond), statics)
-        if out is not dispatch.AS_WRITTEN:
-            return out
         cond = self._check_cond(cond, x)
         log_det = self._zero_log_det(x)
         hs = []
@@ -170,11 +167,9 @@ class Sequential(Bijector):
             return x, log_det, hs
         return x, log_det
 
+    @_runtime.compiled
     def inverse(self, y, *, cond=None):
         y = self._check_input(y, "y", inverse=True)
-        out = dispatch.call(dispatch.inverse, self, (y, cond))
-        if out is not dispatch.AS_WRITTEN:
-            return out
         cond = self._check_cond(cond, y, inverse=True)
         log_det = self._zero_log_det(y, inverse=True)
         for layer in reversed(list(self.layers)):

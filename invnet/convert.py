@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from invnet.core import Bijector, Sequential
+from invnet.containers import Sequential
+from invnet.core import Bijector
 from invnet.layers import LeakyReLU, LULinear, Sigmoid, Tanh
 
 __all__ = ["from_dense", "NotInvertibleError"]

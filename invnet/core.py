@@ -38,12 +38,14 @@ used by `invnet.verify`), `Bijector.prepare` / `forward_prepared` / `inverse_pre
 `reset_data_init` (data-dependent initialisation). Every tool walks a model through
 `invnet.walk`: `nodes` (every bijector, for settings and hooks) or `steps` (the leaf layers
 in the order ``forward`` applies them, for per-layer checks), both built from each
-container's `chain`. `invnet.bases` has the bases of elementwise layers and wrappers."""
+container's `chain` (or a multi-branch layer's `branches`). How a call runs (compiled by
+default, as written inside a trace) is `invnet._runtime`'s business; the execution context
+it reads is `invnet._context`. `invnet.bases` has the bases of elementwise layers and
+wrappers; the containers are in `invnet.containers`."""
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import math
 from typing import Any
@@ -52,19 +54,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet import dispatch, splitmm
+from invnet import _context, _runtime, splitmm
+from invnet.walk import flipped, nodes
 
-__all__ = [
-    "Bijector",
-    "Buffer",
-    "Sequential",
-    "Inverse",
-    "Step",
-    "nodes",
-    "steps",
-    "set_precision",
-    "PRECISIONS",
-]
+__all__ = ["Bijector", "Buffer", "set_precision", "from_spec", "PRECISIONS"]
 
 # Matmul precision modes, by the name users pass. Values go to jax.default_matmul_precision.
 PRECISIONS: dict[str, str] = {
@@ -92,48 +85,28 @@ class Buffer(nnx.Variable):
 
 _LAYER_TYPES: dict[str, type[Bijector]] = {}
 
-# id(layer) -> arrays that `invnet.compile` precomputed for it, while a compiled call traces
-_PREPARED: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
-    "invnet_prepared", default=None
-)
-
 
 @contextlib.contextmanager
 def using_prepared(table: dict[int, Any]):
     """Within this block, each layer whose ``id`` is in ``table`` runs its
     ``forward_prepared`` / ``inverse_prepared`` with those arrays (used by `invnet.compile`)."""
-    token = _PREPARED.set(table)
-    try:
+    with _context.using(prepared=table):
         yield
-    finally:
-        _PREPARED.reset(token)
 
 
 def prepared_active() -> bool:
     """True while a compiled call traces (see `using_prepared`)."""
-    return _PREPARED.get() is not None
+    return _context.current().prepared is not None
 
 
-# True while data runs through a layer's ``inverse`` as part of a model's ``forward`` (inside
-# an odd number of `Inverse` wrappers); layers that initialise from data (ActNorm) use it to
-# tell the data side from the sampling side
-_FLIPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("invnet_flipped", default=False)
-
-
-@contextlib.contextmanager
-def _flipped():
-    token = _FLIPPED.set(not _FLIPPED.get())
-    try:
-        yield
-    finally:
-        _FLIPPED.reset(token)
+_flipped = flipped  # the name the layers' files use
 
 
 def data_direction(inverse: bool) -> bool:
     """Whether a layer's ``forward`` (``inverse=False``) or ``inverse`` (``True``) is running
     in the direction data flows through the model: the model's ``forward``, seen through any
     `Inverse` wrappers. Data-dependent initialisation happens only in that direction."""
-    return inverse == _FLIPPED.get()
+    return inverse == _context.current().flipped
 
 
 def _fmt(shape) -> str:
@@ -177,15 +150,13 @@ class Bijector(nnx.Module):
             _LAYER_TYPES[cls.__name__] = cls
 
     # ----------------------------------------------------------------- public contract
+    @_runtime.compiled
     def forward(self, x: jax.Array, *, cond: jax.Array | None = None):
         """Apply the map: returns ``(y, log|det dy/dx|)``, log-det of the batch shape.
 
-        Called on concrete arrays this runs compiled (see `invnet.dispatch`); inside a trace,
+        Called on concrete arrays this runs compiled (see `invnet._runtime`); inside a trace,
         or within ``invnet.eager()``, as written."""
         x = self._check_input(x, "x")
-        out = dispatch.call(dispatch.forward, self, (x, cond))
-        if out is not dispatch.AS_WRITTEN:
-            return out
         cond = self._check_cond(cond, x)
         with self._precision_scope(x.dtype):
             prepared = _lookup_prepared(self)
@@ -193,13 +164,11 @@ class Bijector(nnx.Module):
                 return self.forward_prepared(prepared, x, cond)
             return self._forward(x, cond)
 
+    @_runtime.compiled
     def inverse(self, y: jax.Array, *, cond: jax.Array | None = None):
         """Exact inverse: returns ``(x, log|det dx/dy|)``, equal to minus the forward log-det
         (compiled like `forward`)."""
         y = self._check_input(y, "y", inverse=True)
-        out = dispatch.call(dispatch.inverse, self, (y, cond))
-        if out is not dispatch.AS_WRITTEN:
-            return out
         cond = self._check_cond(cond, y, inverse=True)
         with self._precision_scope(y.dtype):
             prepared = _lookup_prepared(self)
@@ -207,10 +176,10 @@ class Bijector(nnx.Module):
                 return self.inverse_prepared(prepared, y, cond)
             return self._inverse(y, cond)
 
+    @_runtime.compiled
     def __call__(self, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
         """``layer(x)`` is ``layer.forward(x)[0]`` (compiled without the log-det)."""
-        out = dispatch.call(dispatch.apply, self, (self._check_input(x, "x"), cond))
-        return self.forward(x, cond=cond)[0] if out is dispatch.AS_WRITTEN else out
+        return self.forward(x, cond=cond)[0]
 
     def get_config(self) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} does not define get_config()")
@@ -393,10 +362,20 @@ class Bijector(nnx.Module):
         container that is not a chain: it then overrides `children`)."""
         return None
 
+    def branches(self):
+        """For multi-branch layers (`invnet.FactorOut`): ``(split, children, join)``, where
+        ``split`` / ``join`` are `invnet.walk.Move` s (the state cut into a tuple of parts and
+        joined again) and ``children`` lists ``(name, child, index)``: ``child`` acts on part
+        ``index``. ``None`` (the default) for layers that are not opened this way."""
+        return None
+
     def children(self) -> list[Bijector]:
         """Sub-bijectors (for containers); leaves return an empty list."""
         parts = self.chain()
-        return [] if parts is None else [child for _, child, _ in parts]
+        if parts is not None:
+            return [child for _, child, _ in parts]
+        branches = self.branches()
+        return [] if branches is None else [child for _, child, _ in branches[1]]
 
     def to_spec(self) -> dict[str, Any]:
         """The architecture as plain JSON-able data: ``{"type": ..., "config": ...}``."""
@@ -412,7 +391,7 @@ class Bijector(nnx.Module):
 
 
 def _lookup_prepared(layer: Bijector) -> Any:
-    table = _PREPARED.get()
+    table = _context.current().prepared
     return None if table is None else table.get(id(layer))
 
 
@@ -436,6 +415,34 @@ def event_size(shape: Shape) -> int | None:
     return None if any(s is None for s in shape) else math.prod(shape)
 
 
-# they build on the above; part of this module's surface (see __all__)
-from invnet.containers import Inverse, Sequential  # noqa: E402
-from invnet.walk import Step, nodes, set_precision, steps  # noqa: E402
+def set_precision(model: Bijector, precision: str) -> Bijector:
+    """Set the matmul precision of every layer in ``model`` (in place); returns ``model``.
+
+    ``"highest"`` (default): full float32 on every platform. ``"default"``: the platform's
+    fast mode (TF32-like on NVIDIA GPUs: ~1e-3 relative error per product). ``"bf16x6"``,
+    ``"bf16x3"``, ``"tf32x3"`` (GPU only): XLA's multi-pass tensor-core algorithms.
+    ``"tf32_corrected"`` / ``"bf16_corrected"``: error-corrected split products
+    (`invnet.splitmm`, Ootomo & Yokota 2022) for the GEMMs of `LULinear` and `Conv1x1` (as
+    written and compiled) and the products of the conditioners invnet builds (`MLP`,
+    `ConvNet`, the masked layers of `MaskedAutoregressive`): float32-level accuracy from
+    tensor-core products on GPUs; exact but about 3x slower on CPUs. float64 inputs always
+    run at full precision.
+    """
+    check_precision(precision)
+    for node in nodes(model):
+        node.precision = precision
+    return model
+
+
+def from_spec(spec: dict[str, Any], *, rngs: nnx.Rngs | None = None) -> Bijector:
+    """Rebuild a model (with fresh parameters) from ``Bijector.to_spec()`` output."""
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    kind = spec.get("type")
+    cls = _LAYER_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown layer type {kind!r}; known: {sorted(_LAYER_TYPES)}")
+    config = dict(spec.get("config", {}))
+    children = [from_spec(c, rngs=rngs) for c in spec.get("children", [])]
+    layer = cls.from_config(config, children, rngs=rngs)
+    layer.precision = check_precision(spec.get("precision", "highest"))
+    return layer

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from invnet import dispatch
+from invnet import _runtime
 from invnet.bases import Delegate
 from invnet.core import Bijector, unify_shapes
 
@@ -164,10 +164,8 @@ class Flow(Delegate):
 
     def log_prob(self, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
         """``log p(x | cond)`` in nats, one value per sample (the batch shape). Compiled on
-        concrete arrays (see `invnet.dispatch`)."""
-        x = self._check_input(x, "x")
-        out = dispatch.call(_log_prob, self, (x, cond))
-        return _log_prob(self, x, cond) if out is dispatch.AS_WRITTEN else out
+        concrete arrays (see `invnet._runtime`)."""
+        return _log_prob(self, self._check_input(x, "x"), cond)
 
     def sample(
         self,
@@ -182,7 +180,7 @@ class Flow(Delegate):
 
         ``key``: a JAX key (typed or raw) or an int seed. ``cond``: ``(cond_dim,)`` for one
         condition shared by all ``n`` samples, or ``(n, cond_dim)``, one per sample.
-        Drawing and the inverse run as one compiled call (see `invnet.dispatch`).
+        Drawing and the inverse run as one compiled call (see `invnet._runtime`).
         """
         return self._sampled(_sample, key, n, cond, temperature, dtype)
 
@@ -202,26 +200,23 @@ class Flow(Delegate):
     def _sampled(self, fn, key, n, cond, temperature, dtype):
         key, n, dtype = _as_key(key), _count(n), jnp.dtype(dtype)
         self.latent_shape()  # a flow over events of any size cannot sample: say so here
-        statics = (("n", n), ("dtype", dtype))
-        out = dispatch.call(fn, self, (key, cond, temperature), statics)
-        return (
-            fn(self, key, cond, temperature, n=n, dtype=dtype)
-            if out is dispatch.AS_WRITTEN
-            else out
-        )
+        return fn(self, key, cond, temperature, n=n, dtype=dtype)
 
 
-# the functions that `invnet.dispatch` compiles (module level: they are part of its cache key)
+# the functions that `invnet._runtime` compiles (module level: they are part of its cache key)
+@_runtime.compiled
 def _log_prob(flow, x, cond):
     z, log_det = flow.forward(x, cond=cond)
     return flow._base_log_prob(z) + log_det
 
 
+@_runtime.compiled
 def _sample(flow, key, cond, temperature, *, n, dtype):
     z = flow._draw(key, n, temperature, dtype)
     return flow.inverse(z, cond=cond)[0]
 
 
+@_runtime.compiled
 def _sample_and_log_prob(flow, key, cond, temperature, *, n, dtype):
     z = flow._draw(key, n, temperature, dtype)
     x, inv_log_det = flow.inverse(z, cond=cond)

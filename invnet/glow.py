@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from invnet.core import Bijector, Sequential
+from invnet.containers import Sequential
+from invnet.core import Bijector
 from invnet.flows import Flow
 from invnet.layers import ActNorm, Conv1x1, ConvAffineCoupling, FactorOut, Reshape, Squeeze
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet.core import Bijector, Sequential, _fmt, unify_shapes
+from invnet.containers import Sequential
+from invnet.core import Bijector, _fmt, unify_shapes
 from invnet.revprop import Reversible
 
 __all__ = ["saliency", "input_for_hidden"]

@@ -38,7 +38,6 @@ import re
 import secrets
 import socket
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,8 @@ import safetensors.numpy
 from flax import nnx
 
 from invnet import _io_legacy as io_legacy
-from invnet.core import Bijector
-from invnet.walk import from_spec
+from invnet._version import __version__
+from invnet.core import Bijector, from_spec
 
 __all__ = [
     "save", "load", "read_file", "ModelFile", "read_metadata", "read_extra_arrays",
@@ -70,13 +69,6 @@ PARTIAL_SUFFIX = ".invnet-partial"
 _PARTIAL = re.compile(
     r"^\.(?P<target>.+)\.(?P<host>[^/]+)-(?P<pid>\d+)-[0-9a-f]{8}\.invnet-partial$"
 )
-
-
-def _invnet_version() -> str:
-    try:
-        return version("invnet")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
 
 
 def _flat_pure(model: nnx.Module) -> dict[str, Any]:
@@ -208,7 +200,7 @@ def save(
     meta = {
         "format": "invnet",
         "format_version": str(FORMAT_VERSION),
-        "invnet_version": _invnet_version(),
+        "invnet_version": __version__,
         "architecture": _to_json("the architecture (to_spec)", model.to_spec()),
         "metadata": _to_json("metadata", metadata or {}),
     }

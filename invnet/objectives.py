@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from invnet import dispatch
+from invnet import _runtime
 from invnet.core import wider_float
 from invnet.flows import StandardNormal
 
@@ -152,12 +152,12 @@ def sample_posterior(model, y, key, *, n: int | None = None, temperature: float 
             f"sample_posterior: y has {y.shape[-1]} features; the model must be larger "
             f"(dim={model.dim}) so that z has at least one"
         )
-    out = dispatch.call(_posterior, model, (y, key, temperature, cond), (("n", n),))
-    return _posterior(model, y, key, temperature, cond, n=n) if out is dispatch.AS_WRITTEN else out
+    return _posterior(model, y, key, temperature, cond, n=n)
 
 
+@_runtime.compiled
 def _posterior(model, y, key, temperature, cond, *, n):
-    """`sample_posterior` after its checks (compiled by `invnet.dispatch`)."""
+    """`sample_posterior` after its checks (compiled by `invnet._runtime`)."""
     if n is not None:
         y = jnp.broadcast_to(y, (n, y.shape[0]))
     dtype = y.dtype if jnp.issubdtype(y.dtype, jnp.floating) else jnp.float32

@@ -62,7 +62,8 @@ import numpy as np
 from flax import nnx
 
 from invnet.bases import Delegate
-from invnet.core import Bijector, Sequential, nodes, prepared_active
+from invnet.containers import Sequential
+from invnet.core import Bijector, nodes, prepared_active
 
 __all__ = ["Reversible", "reversible"]
 

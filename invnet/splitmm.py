@@ -80,11 +80,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from invnet import _context
 
 __all__ = [
     "MODES",
@@ -308,11 +309,6 @@ def dot_general_fn(mode: str, *, emulate: bool = False):
 
 
 # ------------------------------------------------------- modes chosen by the enclosing layer
-_SCOPE: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar(
-    "invnet_splitmm_scope", default=None
-)
-
-
 @contextlib.contextmanager
 def scoped(mode: str, *, emulate: bool | None = None):
     """Within this block the ``scoped_*`` products of float32 operands run in ``mode`` (a
@@ -340,17 +336,14 @@ def scoped(mode: str, *, emulate: bool | None = None):
     if mode not in MODES:
         raise ValueError(f"splitmm.scoped: mode must be one of {sorted(MODES)}, got {mode!r}")
     if emulate is None:
-        enclosing = _SCOPE.get()
+        enclosing = _context.current().matmul
         emulate = bool(enclosing and enclosing[1])
-    token = _SCOPE.set((mode, emulate))
-    try:
+    with _context.using(matmul=(mode, emulate)):
         yield
-    finally:
-        _SCOPE.reset(token)
 
 
 def _scope_for(a, b):
-    scope = _SCOPE.get()
+    scope = _context.current().matmul
     if scope is None or scope[0] not in CORRECTED:
         return None  # XLA's own modes: the enclosing jax.default_matmul_precision decides
     if jnp.result_type(a) != jnp.float32 or jnp.result_type(b) != jnp.float32:

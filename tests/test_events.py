@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import invnet
-from invnet.core import nodes, steps
+from invnet.walk import nodes, steps
 
 
 def _image_model():

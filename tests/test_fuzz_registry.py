@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from registry import CASES, DIM, perturb
 
 import invnet
-from invnet.core import steps
+from invnet.walk import layers
 
 VECTOR_CASES = [c for c in CASES if c.event_shape == (DIM,) and not c.cond_dim]
 
@@ -38,7 +38,7 @@ def _bound(model) -> float:
     """The product of the layers' error bounds; ``inf`` when a layer declares itself
     unbounded (Tanh, Sigmoid: saturation loses the input, and `invnet.verify` says so)."""
     total = 1.0
-    for step in steps(model):
+    for step in layers(model):
         total *= max(1.0, float(step.layer.error_bound()[0]))
     return total
 

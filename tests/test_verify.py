@@ -248,3 +248,19 @@ def test_unconditional_model_refuses_cond():
     model = invnet.Sequential(invnet.LULinear(D, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="invnet.verify: .*cond_dim=0"):
         invnet.verify(model, jnp.ones((3, D), jnp.float32), cond=jnp.ones((3, 2)))
+
+
+def test_fresh_glow_passes_with_a_row_per_leaf_layer_inside_factor_out():
+    """verify of a freshly built multi-scale Glow: the ActNorms inside its FactorOut are
+    checked as the identity they are (they failed with a log-det error of ~9 when the walk
+    did not open FactorOut), and the table has a row per leaf layer, with its path."""
+    from invnet.walk import layers
+
+    glow = invnet.glow((4, 4, 1), levels=2, steps=1, hidden=4, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (8, 4, 4, 1), jnp.float32)
+    report = invnet.verify(glow, x, jacobian_samples=2, check_float64=False)
+    assert report.ok, report.failures
+    names = [row.name for row in report.layers]
+    assert names == [step.name for step in layers(glow)]
+    assert len(names) == 9  # 2 levels x (Squeeze, ActNorm, Conv1x1, coupling) + a Reshape
+    assert any(".rest[" in name for name in names)

@@ -8,7 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from invnet.core import Bijector, Shape, _fmt, nodes, steps, unify_shapes
+from invnet.core import Bijector, Shape, _fmt, unify_shapes
+from invnet.walk import Move, layers, nodes
 
 __all__ = ["FactorOut"]
 
@@ -40,11 +41,12 @@ class FactorOut(Bijector):
     * ``event_shape`` ``(H, W, C)`` fixes the image size (convolutional layers take any
       size, but the output vector's length must be known).
 
-    Not a chain (``rest`` sees only part of the input), so `invnet.core.steps` treats a
-    ``FactorOut`` as one step; `invnet.core.nodes` still reaches every layer inside, so
-    `invnet.compile`'s precomputed matrices, `invnet.set_precision`, `invnet.data_init`
-    and `invnet.save` / `invnet.load` work through it. Its `Bijector.error_bound` is the
-    product of ``rest``'s steps' bounds.
+    A multi-branch layer: its `Bijector.branches` (a split of the channels, ``rest`` on the
+    second part, a join into the flat vector) let the model walk (`invnet.walk.steps`) open
+    it, so `invnet.verify` checks and reports every layer inside with its path (e.g.
+    ``model[3].rest[0]``), and `invnet.compile`, `invnet.set_precision`, `invnet.data_init`
+    and `invnet.save` / `invnet.load` reach them. Its `Bijector.error_bound` is the product
+    of ``rest``'s layers' bounds.
 
     Reference: Dinh et al., "Density estimation using Real NVP", ICLR 2017 (multi-scale
     architecture); Kingma & Dhariwal, "Glow", NeurIPS 2018.
@@ -100,8 +102,12 @@ class FactorOut(Bijector):
     def from_config(cls, config, children, *, rngs):
         return cls(config["latent_channels"], children[0], event_shape=config["event_shape"])
 
-    def children(self) -> list[Bijector]:
-        return [self.rest]
+    def branches(self):
+        return (
+            Move(self._split, self._unsplit),
+            [(".rest", self.rest, 1)],
+            Move(self._join, self._unjoin),
+        )
 
     # ----------------------------------------------------------------------- events
     def event_pattern(self) -> Shape:
@@ -119,7 +125,7 @@ class FactorOut(Bijector):
         return self.event_shape
 
     def error_bound(self) -> tuple[float, str]:
-        bound = math.prod(step.layer.error_bound()[0] for step in steps(self.rest))
+        bound = math.prod(step.layer.error_bound()[0] for step in layers(self.rest))
         return float(bound), "product of the bounds of the layers inside"
 
     def not_ready(self) -> str | None:
@@ -130,18 +136,32 @@ class FactorOut(Bijector):
         return None
 
     # ------------------------------------------------------------------------ maps
-    def _forward(self, x, cond):
-        batch = self.batch_shape(x)
-        z = x[..., : self.latent_channels]
-        r, log_det = self.rest.forward(x[..., self.latent_channels :], cond=cond)
-        flat = [z.reshape(*batch, -1), r.reshape(*batch, -1)]
-        return jnp.concatenate(flat, axis=-1), log_det
+    def _split(self, x):
+        """An image into ``(factored channels, remaining channels)``."""
+        return x[..., : self.latent_channels], x[..., self.latent_channels :]
 
-    def _inverse(self, y, cond):
-        batch = self.batch_shape(y, inverse=True)
+    def _unsplit(self, parts):
+        return jnp.concatenate(parts, axis=-1)
+
+    def _join(self, parts):
+        """``(z, rest's output)`` into the flat output vector (row-major, z first)."""
+        z, r = parts
+        batch = z.shape[: z.ndim - 3]
+        return jnp.concatenate([z.reshape(*batch, -1), r.reshape(*batch, -1)], axis=-1)
+
+    def _unjoin(self, y):
+        batch = y.shape[:-1]
         h, w, _ = self.event_shape
         cut = h * w * self.latent_channels
         z = y[..., :cut].reshape(*batch, h, w, self.latent_channels)
-        r = y[..., cut:].reshape(*batch, *self.rest_out)
+        return z, y[..., cut:].reshape(*batch, *self.rest_out)
+
+    def _forward(self, x, cond):
+        z, r = self._split(x)
+        r, log_det = self.rest.forward(r, cond=cond)
+        return self._join((z, r)), log_det
+
+    def _inverse(self, y, cond):
+        z, r = self._unjoin(y)
         x_rest, log_det = self.rest.inverse(r, cond=cond)
-        return jnp.concatenate([z, x_rest], axis=-1), log_det
+        return self._unsplit((z, x_rest)), log_det

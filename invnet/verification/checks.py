@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from invnet.core import Bijector, steps
+from invnet.core import Bijector
+from invnet.walk import layers, nodes, steps
 from invnet.verification.numerics import check_log_det, errors, flat, float64_drift, inf_norm
 from invnet.verification.report import ErrorStats, LayerCheck, VerifyReport, _nanmax
 
@@ -39,20 +40,25 @@ def layer_bound(layer: Bijector) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------ jitted checks
-def _per_layer(leaves, x, y, cond):
-    """Each leaf round-tripped on the states that reach it, from the input and output side."""
+def _per_layer(walk, x, y, cond):
+    """Each leaf layer round-tripped on the part of the state that reaches it, from the input
+    and the output side; the moves between parts (`invnet.walk.Move`) only carry the state."""
     h, fwd_layers = x, []
-    for leaf in leaves:
-        h_next, _ = leaf.forward(h, cond)
-        h_back, _ = leaf.inverse(h_next, cond)
-        fwd_layers.append(errors(h_back, h, h_next) + (inf_norm(h_next),))
-        h = h_next
+    for step in walk:
+        part = step.part(h)
+        nxt, _ = step.forward(part, cond)
+        if step.move is None:
+            back, _ = step.inverse(nxt, cond)
+            fwd_layers.append(errors(back, part, nxt) + (inf_norm(nxt),))
+        h = step.put(h, nxt)
     g, inv_layers = y, []
-    for leaf in reversed(leaves):
-        g_prev, _ = leaf.inverse(g, cond)
-        g_again, _ = leaf.forward(g_prev, cond)
-        inv_layers.append(errors(g_again, g, g_prev) + (inf_norm(g_prev),))
-        g = g_prev
+    for step in reversed(walk):
+        part = step.part(g)
+        prev, _ = step.inverse(part, cond)
+        if step.move is None:
+            again, _ = step.forward(prev, cond)
+            inv_layers.append(errors(again, part, prev) + (inf_norm(prev),))
+        g = step.put(g, prev)
     return (
         jax.tree.map(lambda *a: jnp.stack(a), *fwd_layers),
         jax.tree.map(lambda *a: jnp.stack(a[::-1]), *inv_layers),
@@ -75,8 +81,8 @@ def _make_checks(graphdef, fixed, n_leaves: int):
 
     def checks(params, x, cond, jac_idx):
         model = nnx.merge(graphdef, params, fixed)
-        leaves = steps(model)
-        assert len(leaves) == n_leaves
+        walk = steps(model)
+        assert sum(step.move is None for step in walk) == n_leaves
         with jax.default_matmul_precision("highest"):
             y, ld_fwd = model.forward(x, cond=cond)
             x_back, ld_inv = model.inverse(y, cond=cond)  # recomputed from y
@@ -90,7 +96,7 @@ def _make_checks(graphdef, fixed, n_leaves: int):
                 "fwd": errors(x_back, x, y),
                 "inv": errors(y_again, y, x_back),
             }
-            out["fwd_layers"], out["inv_layers"] = _per_layer(leaves, x, y, cond)
+            out["fwd_layers"], out["inv_layers"] = _per_layer(walk, x, y, cond)
             if jac_idx.shape[0]:
                 conditional = cond is not None
                 cs = cond[jac_idx] if conditional else jnp.zeros((jac_idx.shape[0], 0), x.dtype)
@@ -146,11 +152,13 @@ def _ready_copy(model):
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     notes = []
-    for step in steps(copy):
-        problem = step.layer.not_ready()
-        if problem is not None:
-            step.layer.mark_ready()
-            notes.append(f"{step.name}: {problem}; checked with its current parameters")
+    names = {id(step.layer): step.name for step in steps(copy)}
+    for node in nodes(copy):
+        problem = node.not_ready()
+        if problem is not None and not node.children():  # a container: its leaves say it
+            node.mark_ready()
+            name = names.get(id(node), type(node).__name__)
+            notes.append(f"{name}: {problem}; checked with its current parameters")
     return copy, notes
 
 
@@ -189,7 +197,7 @@ def verify(
     with np.errstate(all="ignore"):  # NaN/inf are data here: counted, not warned about
         inputs = _inputs(model, x, cond)
         copy, notes = _ready_copy(model)
-        leaves = steps(copy)
+        leaves = layers(copy)
         bounds = [layer_bound(leaf.layer) for leaf in leaves]
         dtype = jnp.dtype(inputs.x.dtype)
         rule = _Rule(inputs.dim, float(jnp.finfo(dtype).eps), tol)

@@ -1,4 +1,4 @@
-"""Compiled by default (invnet.dispatch): a model's methods on concrete arrays run as cached
+"""Compiled by default (invnet._runtime): a model's methods on concrete arrays run as cached
 jitted functions of the current variables; the results equal the layers run as written,
 never come from old parameters, and bad inputs give the same errors.
 
@@ -15,7 +15,7 @@ from flax import nnx
 from registry import perturb
 
 import invnet
-from invnet import dispatch
+from invnet import _runtime
 
 DIM, COND = 4, 2
 
@@ -44,7 +44,7 @@ def _close(a, b):
 
 
 def _compiled(model) -> bool:
-    return model in dispatch._SNAPSHOTS
+    return model in _runtime._SNAPSHOTS
 
 
 def test_methods_are_compiled_and_equal_as_written():
@@ -135,7 +135,7 @@ def test_env_var_opts_out(monkeypatch):
     monkeypatch.setenv("INVNET_EAGER", "1")
     model, (x, c) = _model(), _data()
     model.forward(x, cond=c)
-    assert dispatch.eager_mode() and not _compiled(model)
+    assert _runtime.eager_mode() and not _compiled(model)
 
 
 def test_flow_sampling_and_densities_compiled():

@@ -1,0 +1,221 @@
+"""The runtime: how an invnet model runs. Compiled by default, never stale, one jit cache.
+
+``model.forward(x)``, ``model.inverse(y)``, ``model(x)``, `invnet.Flow`'s ``log_prob``,
+``sample`` and ``sample_and_log_prob``, and `invnet.sample_posterior` are decorated with
+`compiled`:
+
+* Outside any trace, the method runs as one ``jax.jit`` function of the model's parameters
+  and buffers, which are passed as arguments on every call (read from the model's own
+  variables at that moment), so a result can never come from old parameters. The compiled
+  function is cached on the model's structure (its ``nnx`` graph definition), the method and
+  its static arguments (Python ints, bools, strings, dtypes), and, by ``jax.jit``, on the
+  input shapes and dtypes: models of the same structure share it, a new batch size compiles
+  once more.
+* Inside a user's own ``jax.jit`` / ``grad`` / ``vmap`` (an input or a parameter is a
+  tracer), inside a call the runtime compiled, and while `invnet.compile` traces, the method
+  runs as written.
+* A model with a layer that initialises itself from its first batch (an `invnet.ActNorm`
+  that has not seen data: ``node.not_ready()`` is not None) runs as written, so that the
+  initialisation is kept; later calls are compiled.
+* Under ``jax.disable_jit()`` the methods run op by op, as written.
+* Opt-out for debugging (prints, breakpoints, op-by-op errors): ``with invnet.eager(): ...``,
+  or the environment variable ``INVNET_EAGER=1`` for the whole process.
+
+One staleness rule serves the methods and `invnet.compile`: a `Snapshot` (one ``nnx.split``)
+is current while every module of the model keeps the attributes it had (a replaced layer,
+variable or precision setting is a structural change: the model is split again); its values
+are current while every variable still holds the array it held (an optimizer step,
+``nnx.update`` or a checkpoint load replaces them).
+
+One jit cache: `cached_jit`, least recently used first out, at most `CACHE_SIZE` functions.
+
+Per-call cost: the structure check (one dict comparison per module, in C), a read of each
+variable's array, and ``jax.jit``'s own dispatch (measured by ``benchmarks/run.py --only
+layers``: within the noise of a hand-jitted call on a tiny flow, CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from invnet import _context
+from invnet.walk import nodes
+
+__all__ = ["eager", "eager_mode", "compiled", "cached_jit", "Snapshot", "CACHE_SIZE"]
+
+CACHE_SIZE = 256
+
+
+@contextlib.contextmanager
+def eager():
+    """Within this block invnet models run op by op, as written (no automatic ``jax.jit``):
+    for debugging with prints or breakpoints. ``INVNET_EAGER=1`` does the same for a whole
+    process.
+
+    Example:
+        >>> import jax.numpy as jnp, invnet
+        >>> with invnet.eager():
+        ...     y, log_det = invnet.LeakyReLU(0.5).forward(jnp.array([-2.0, 2.0]))
+        >>> y
+        Array([-1.,  2.], dtype=float32)
+    """
+    with _context.using(eager=True):
+        yield
+
+
+def eager_mode() -> bool:
+    """True inside `eager` or when the environment sets ``INVNET_EAGER`` (not ``0``)."""
+    return _context.current().eager or os.environ.get("INVNET_EAGER", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------ the jit cache
+_CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
+
+
+def cached_jit(key: Hashable, make: Callable[[], Callable]) -> Callable:
+    """The jitted function cached under ``key``, made by ``jax.jit(make())`` on a miss.
+
+    The one cache of compiled functions in invnet (methods, `invnet.compile`); bounded to
+    `CACHE_SIZE` entries, the least recently used dropped first."""
+    found = _CACHE.get(key)
+    if found is None:
+        found = _CACHE[key] = jax.jit(make())
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return found
+
+
+def clear_cache() -> None:
+    """Forget every compiled function (they retrace on their next call)."""
+    _CACHE.clear()
+    _SNAPSHOTS.clear()
+
+
+# ---------------------------------------------------------------------------- snapshots
+class Snapshot:
+    """How one model instance splits: its graph definition, its variables in leaf order,
+    and each module's attributes (to see structural changes), taken by one ``nnx.split``."""
+
+    __slots__ = ("root_items", "modules", "variables", "structure", "functions", "__weakref__")
+
+    def __init__(self, model):
+        graphdef, state = nnx.split(model)
+        self.variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        self.structure = (graphdef, jax.tree.structure(state))
+        self.root_items = dict(vars(model))
+        # each module's attribute dict and a copy of it; every module but the root (a strong
+        # reference to the root would keep it alive in the cache)
+        self.modules = [
+            (vars(node), dict(vars(node)))
+            for path, node in nnx.iter_graph(model)
+            if path and isinstance(node, nnx.Pytree)
+        ]
+        self.functions: dict[Hashable, Callable] = {}
+
+    def current(self, model) -> bool:
+        """Whether the model still has the structure this snapshot was taken from."""
+        try:
+            if vars(model) != self.root_items:
+                return False
+            for attributes, copy in self.modules:  # dict ==: identity first, in C
+                if attributes != copy:
+                    return False
+            return True
+        except Exception:  # noqa: BLE001 - an attribute that cannot be compared: re-split
+            return False
+
+    def arrays(self) -> list:
+        """The arrays the variables hold now."""
+        return [v.get_raw_value() for v in self.variables]
+
+    def holds(self, model, arrays: list) -> bool:
+        """Whether ``model`` has this structure and its variables still hold ``arrays``."""
+        return self.current(model) and all(
+            v.get_raw_value() is a for v, a in zip(self.variables, arrays, strict=True)
+        )
+
+
+_SNAPSHOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def snapshot(model) -> Snapshot:
+    """The current `Snapshot` of ``model`` (taken again after a structural change)."""
+    snap = _SNAPSHOTS.get(model)
+    if snap is None or not snap.current(model):
+        snap = _SNAPSHOTS[model] = Snapshot(model)
+    return snap
+
+
+# ------------------------------------------------------------------- compiled methods
+def _dynamic(value) -> bool:
+    """Arrays, floats, containers of them and None are traced; ints, bools, strings and
+    dtypes are static (part of the cache key)."""
+    return value is None or isinstance(
+        value, jax.Array | np.ndarray | float | complex | np.floating | list | tuple | dict
+    )
+
+
+def _as_written(model, args, kwargs) -> bool:
+    ctx = _context.current()
+    if ctx.inside or ctx.prepared is not None or eager_mode() or jax.config.jax_disable_jit:
+        return True
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+        return True
+    return any(node.not_ready() is not None for node in nodes(model))
+
+
+def _make(structure, fn, static_args, static_kwargs):
+    graphdef, treedef = structure
+
+    def run(leaves, args, kwargs):
+        with _context.using(inside=True):
+            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            full = list(args)
+            for i, value in static_args:
+                full.insert(i, value)
+            return fn(model, *full, **kwargs, **dict(static_kwargs))
+
+    return run
+
+
+def compiled(fn: Callable) -> Callable:
+    """Decorate a method ``fn(model, *args, **kwargs)`` of a model (or a function whose first
+    argument is one) so that, called on concrete arrays, it runs as a cached jitted function
+    of the model's current variables (see the module docstring); otherwise as written."""
+
+    @functools.wraps(fn)
+    def method(model, *args, **kwargs):
+        if _as_written(model, args, kwargs):
+            return fn(model, *args, **kwargs)
+        static_args = tuple((i, a) for i, a in enumerate(args) if not _dynamic(a))
+        static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if not _dynamic(v)))
+        key = (fn, static_args, static_kwargs)
+        try:
+            hash(key)
+        except TypeError:  # an unhashable static argument: nothing to cache on
+            return fn(model, *args, **kwargs)
+        snap = snapshot(model)
+        leaves = snap.arrays()
+        if any(isinstance(a, jax.core.Tracer) for a in leaves):  # traced variables (nnx.grad)
+            return fn(model, *args, **kwargs)
+        jitted = snap.functions.get(key)
+        if jitted is None:
+            jitted = snap.functions[key] = cached_jit(
+                (snap.structure, key), lambda: _make(snap.structure, fn, *key[1:])
+            )
+        dyn_args = [a for a in args if _dynamic(a)]
+        dyn_kwargs = {k: v for k, v in kwargs.items() if _dynamic(v)}
+        return jitted(leaves, dyn_args, dyn_kwargs)
+
+    return method
