@@ -13,7 +13,8 @@ snapshot for both directions:
   - ``"matrix+refine"``: the above plus one step of iterative refinement
     ``x <- x + W^{-1}(y - b - W x)``: three GEMMs; removes the error of the rounded
     inverse matrix, so ill-conditioned layers come back about as accurately as with solves.
-  - ``"solve"``: the layer's own two triangular solves (what the eager layer does).
+  - ``"solve"``: the layer's own inverse (what the model's methods run: triangular solves,
+    for batches of at least D rows on the identity, then one GEMM).
 
 * every other layer (couplings, activations, permutations, ActNorm) runs as written; the
   containers `Sequential` and `Inverse` are walked so LULinear layers nested in them are

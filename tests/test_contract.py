@@ -1,5 +1,17 @@
 """The one contract every public layer passes (see tests/registry.py for the cases).
 
+The default run checks each case with ONE compiled function per dtype that computes
+everything the checks need (`_everything`): jitted round trips both ways, log-dets against
+``slogdet`` of the autodiff Jacobian in both directions, forward + inverse log-dets summing to
+0, a (2, 2) batch equal to the same samples flattened, the dtype kept, and gradients reaching
+every parameter; then save/load, and the model's default (compiled) methods against the same
+methods run op by op (``invnet.eager()``). Almost all the time of a contract check is XLA
+compiling, so one function per case keeps the default command short with nothing left out.
+
+The long tail (``-m extended``, run by CI after the default command): each check as its own
+compiled test, more batch shapes (unbatched, (2, 3)), parameters and inputs of different
+dtypes, and the float32 Jacobian check.
+
 Tolerances: float64 round trips to 1e-12 relative; float32 to the case's stated ``tol32``
 (about eps32 = 1.2e-7 times the perturbed layer's error amplification, with margin). All
 matmuls run at the layers' default precision="highest".
@@ -53,6 +65,135 @@ def _rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1.0))
 
 
+extended = pytest.mark.extended
+
+
+def _jacobian_log_dets(method, points, conds):
+    """``slogdet`` of the autodiff (reverse-mode: it also runs through custom VJPs, as in
+    Reversible) Jacobian of ``method`` at each point, with the method's own log-det."""
+
+    def one(point, c):
+        def flat(v):
+            return method(v.reshape(point.shape), cond=c)[0].reshape(-1)
+
+        jac = jax.jacrev(flat)(point.reshape(-1))
+        sign, logabs = jnp.linalg.slogdet(jac.astype(jnp.float64))
+        return sign, logabs, method(point, cond=c)[1]
+
+    return jax.vmap(one)(points, conds)
+
+
+@functools.cache
+def _everything_fn(case, dtype):
+    model = build(case, dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def everything(params, x, cond, y0, xb):
+        m = nnx.merge(graphdef, params, rest)
+        y, ld = m.forward(x, cond=cond)
+        x_back, ild = m.inverse(y, cond=cond)
+        x0, _ = m.inverse(y0, cond=cond)
+        y_back, _ = m.forward(x0, cond=cond)
+        # a (2, 2) batch against the same four samples flattened
+        cb = None if cond is None else cond[:4].reshape(2, 2, -1)
+        yb, ldb = m.forward(xb, cond=cb)
+        xbb, ildb = m.inverse(yb, cond=cb)
+        conditional = cond is not None
+        cj = cond[:2] if conditional else jnp.zeros((2, 0), x.dtype)
+
+        def at(fn):  # the vmapped condition, dropped for an unconditional model
+            return lambda v, cond=None: fn(v, cond=cond if conditional else None)
+
+        jac_fwd = _jacobian_log_dets(at(m.forward), x[:2], cj)
+        jac_inv = _jacobian_log_dets(at(m.inverse), y[:2], cj)
+
+        def loss(p):
+            mm = nnx.merge(graphdef, p, rest)
+            out, log_det = mm.forward(x, cond=cond)
+            back, inv_log_det = mm.inverse(jnp.sin(out), cond=cond)
+            return jnp.sum(out**2) + jnp.sum(log_det) + jnp.sum(back**3) + jnp.sum(inv_log_det)
+
+        grads = jax.grad(loss)(params)
+        return dict(
+            y=y,
+            ld=ld,
+            x_back=x_back,
+            ild=ild,
+            x0=x0,
+            y_back=y_back,
+            yb=yb,
+            ldb=ldb,
+            xbb=xbb,
+            ildb=ildb,
+            jac_fwd=jac_fwd,
+            jac_inv=jac_inv,
+            grads=grads,
+        )
+
+    return model, params, jax.jit(everything)
+
+
+@cases
+@params
+def test_contract(case, dtype):
+    """Everything the contract asks of a layer, from one compiled function (see the module
+    docstring); then save/load and eager-equals-compiled on the model's own methods."""
+    model, params, everything = _everything_fn(case, dtype)
+    x, cond = _inputs(case, dtype)
+    y0, _ = _inputs(case, dtype, seed=1, event=_out_event(case, model))
+    xb = x[:4].reshape(2, 2, *case.event_shape)
+    out = everything(params, x, cond, y0, xb)
+    tol = rel_tol(case, dtype)
+    # round trips both ways, jitted
+    assert _rel(out["x_back"], x) <= tol
+    assert _rel(out["y_back"], y0) <= tol
+    # dtype kept
+    for key in ("y", "ld", "x_back", "ild"):
+        assert out[key].dtype == jnp.dtype(dtype), key
+    # forward + inverse log-dets sum to zero; batch shape
+    assert out["ld"].shape == x.shape[:1] and out["ild"].shape == x.shape[:1]
+    np.testing.assert_allclose(
+        np.asarray(out["ld"] + out["ild"]), 0.0, atol=1e-12 if dtype == "float64" else 1e-4
+    )
+    # log-det against slogdet of the Jacobian, both directions
+    jac_tol = 1e-10 if dtype == "float64" else 1e-3
+    for sign, logabs, log_det in (out["jac_fwd"], out["jac_inv"]):
+        assert bool(jnp.all(sign != 0.0))
+        np.testing.assert_allclose(
+            np.asarray(log_det), np.asarray(logabs), atol=jac_tol, rtol=jac_tol
+        )
+    # a (2, 2) batch equals the same samples flattened
+    out_event = _out_event(case, model)
+    assert out["yb"].shape == (2, 2, *out_event) and out["ldb"].shape == (2, 2)
+    assert out["xbb"].shape == (2, 2, *case.event_shape) and out["ildb"].shape == (2, 2)
+    np.testing.assert_allclose(
+        np.asarray(out["yb"]).reshape(4, *out_event), out["y"][:4], rtol=tol, atol=tol
+    )
+    np.testing.assert_allclose(np.asarray(out["ldb"]).reshape(4), out["ld"][:4], rtol=tol, atol=tol)
+    # gradients reach every parameter
+    flat = jax.tree_util.tree_leaves_with_path(out["grads"])
+    for path, g in flat:
+        assert bool(jnp.all(jnp.isfinite(g))), path
+        assert float(jnp.max(jnp.abs(g))) > 0.0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+    # the model's own methods: compiled by default, equal to the same methods run op by op,
+    # and to a saved-and-loaded copy
+    y, ld = model.forward(x, cond=cond)
+    xb_, ild = model.inverse(y, cond=cond)
+    with invnet.eager():
+        y_e, ld_e = model.forward(x, cond=cond)
+        xb_e, ild_e = model.inverse(y, cond=cond)
+    for compiled_, eager_ in ((y, y_e), (ld, ld_e), (xb_, xb_e), (ild, ild_e)):
+        np.testing.assert_allclose(np.asarray(compiled_), np.asarray(eager_), rtol=tol, atol=tol)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = invnet.load(invnet.save(model, os.path.join(tmp, "model.invnet")))
+    assert type(loaded) is type(model)
+    y2, ld2 = loaded.forward(x, cond=cond)
+    xb2, _ = loaded.inverse(y, cond=cond)
+    assert bool(jnp.array_equal(y, y2)) and bool(jnp.array_equal(ld, ld2))
+    assert bool(jnp.array_equal(xb_, xb2))
+
+
+@extended
 @cases
 @params
 def test_round_trip_both_ways_jitted(case, dtype):
@@ -68,6 +209,7 @@ def test_round_trip_both_ways_jitted(case, dtype):
     assert _rel(y_back, y0) <= rel_tol(case, dtype)
 
 
+@extended
 @cases
 @params
 def test_log_det_matches_jacobian_both_directions(case, dtype):
@@ -89,6 +231,7 @@ def test_log_det_matches_jacobian_both_directions(case, dtype):
             np.testing.assert_allclose(float(log_det), float(logabs), atol=tol, rtol=tol)
 
 
+@extended
 @cases
 @params
 def test_forward_and_inverse_log_dets_sum_to_zero(case, dtype):
@@ -100,6 +243,7 @@ def test_forward_and_inverse_log_dets_sum_to_zero(case, dtype):
     np.testing.assert_allclose(np.asarray(ld_fwd + ld_inv), 0.0, atol=tol)
 
 
+@extended
 @cases
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3)], ids=["unbatched", "B", "B1xB2"])
 def test_batch_shapes(case, batch):
@@ -119,6 +263,7 @@ def test_batch_shapes(case, batch):
     np.testing.assert_allclose(np.asarray(log_det).reshape(-1), ld_flat, rtol=1e-12, atol=1e-12)
 
 
+@extended
 @cases
 @params
 def test_dtype_kept_and_jit_equals_eager(case, dtype):
@@ -135,6 +280,7 @@ def test_dtype_kept_and_jit_equals_eager(case, dtype):
         np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=tol, atol=tol)
 
 
+@extended
 @cases
 def test_gradients_reach_every_param(case):
     model, state, _, _ = _model_and_fns(case, "float64")
@@ -157,6 +303,7 @@ def test_gradients_reach_every_param(case):
         assert float(jnp.max(jnp.abs(g))) > 0.0, f"no gradient reaches {jax.tree_util.keystr(path)}"
 
 
+@extended
 @cases
 @pytest.mark.parametrize(
     "param_dtype, input_dtype",
@@ -185,6 +332,7 @@ def test_input_dtype_wins_over_the_parameters(case, param_dtype, input_dtype):
         assert g.dtype == p.dtype and bool(jnp.all(jnp.isfinite(g)))
 
 
+@extended
 @cases
 @params
 def test_save_load_identical(case, dtype):

