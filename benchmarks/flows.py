@@ -1,7 +1,7 @@
 """The fast path as users call it: sampling, densities, training steps, per-layer calls.
 
 * ``flows``: `invnet.Flow.sample` / ``log_prob`` as a user calls them (compiled by default,
-  `invnet.dispatch`) vs the same flow hand-jitted (``nnx.split`` + ``jax.jit``) vs op by op
+  `invnet._runtime`) vs the same flow hand-jitted (``nnx.split`` + ``jax.jit``) vs op by op
   (``invnet.eager()``); first-call times (compilation included) of both.
 * ``layers``: per layer, `invnet.compile` (``forward`` and the y-only ``apply``) vs a plain
   ``jax.jit`` of the layer, and the layer's own ``forward`` / ``__call__`` (compiled by

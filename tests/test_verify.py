@@ -191,7 +191,7 @@ def test_reversible_model_gives_one_row_per_layer_with_its_bound():
         "AffineCoupling",
     ]
     assert [layer.bound_rule for layer in report.layers] == [
-        layer.layer.error_bound()[1] for layer in invnet.core.steps(model)
+        layer.layer.error_bound()[1] for layer in invnet.walk.layers(model)
     ]
     assert report.layers[2].bound == pytest.approx(1e3, rel=0.5)
     assert report.ok, report.table()

@@ -13,8 +13,9 @@ image ``(H, W, C)``, ...; the output event may have another shape (a reshape or 
   axes: the scale of both ends, so a large bias (``y`` far from 0) or an input near 0 does not
   turn rounding into a fake failure. Max and mean of the absolute and relative errors are
   reported.
-* **Per layer.** The model is walked into its leaf layers (`invnet.core.steps`: nested
-  `Sequential`, `Inverse`, `Flow`, `Reversible`, ...) and each layer is round-tripped on the
+* **Per layer.** The model is walked into its leaf layers (`invnet.walk.steps`: nested
+  `Sequential`, `Inverse`, `Flow`, `Reversible`, and the inside of multi-branch layers such
+  as `FactorOut`, each row named by its path) and each layer is round-tripped on the
   intermediate states that reach it (``h_k = f_k(h_{k-1})``, then ``f_k^{-1}(h_k)`` against
   ``h_{k-1}``; and the same from the output side), so the report names the layer that loses
   precision.
