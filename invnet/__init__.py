@@ -4,7 +4,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
-from invnet._runtime import eager
+from invnet._runtime import BakedParametersWarning, eager
 from invnet._version import __version__
 from invnet.benchmarking import BenchReport, bench
 from invnet.builders import spline_flow
@@ -97,6 +97,7 @@ __all__ = [
     "sample_posterior",
     "compile",
     "eager",
+    "BakedParametersWarning",
     "Compiled",
     "StaleCompiledError",
     "CompiledTraceError",

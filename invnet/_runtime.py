@@ -13,7 +13,10 @@
   once more.
 * Inside a user's own ``jax.jit`` / ``grad`` / ``vmap`` (an input or a parameter is a
   tracer), inside a call the runtime compiled, and while `invnet.compile` traces, the method
-  runs as written.
+  runs as written. Traced inside a user's ``jax.jit`` with the model closed over (its
+  parameters concrete), it warns (`BakedParametersWarning`): the parameters become constants
+  of that compiled function, which would silently keep the old model after an update; pass
+  the model in (``nnx.jit(lambda m, x: m.forward(x))(model, x)``) instead.
 * A model with a layer that initialises itself from its first batch (an `invnet.ActNorm`
   that has not seen data: ``node.not_ready()`` is not None) runs as written, so that the
   initialisation is kept; later calls are compiled.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -50,7 +54,15 @@ from flax import nnx
 from invnet import _context
 from invnet.walk import nodes
 
-__all__ = ["eager", "eager_mode", "compiled", "cached_jit", "Snapshot", "CACHE_SIZE"]
+__all__ = [
+    "eager",
+    "eager_mode",
+    "compiled",
+    "cached_jit",
+    "Snapshot",
+    "CACHE_SIZE",
+    "BakedParametersWarning",
+]
 
 CACHE_SIZE = 256
 
@@ -166,11 +178,55 @@ def _dynamic(value) -> bool:
     )
 
 
-def _as_written(model, args, kwargs) -> bool:
+class BakedParametersWarning(UserWarning):
+    """A model method was traced inside the user's own ``jax.jit`` with the model's
+    parameters closed over: they become constants of that compiled function, which then
+    keeps returning the old model's results after any update."""
+
+
+_BAKED = (
+    "{name} is being traced inside jax.jit with the model closed over: its parameters become "
+    "constants of that compiled function, which will keep returning this model's results "
+    "after the model changes (invnet.fit, an optimizer step, nnx.update, a load). Pass the "
+    "model in instead: nnx.jit(lambda m, x: m.{method}(x))(model, x), or graphdef, state = "
+    "nnx.split(model) and jax.jit(lambda s, x: nnx.merge(graphdef, s).{method}(x))(state, "
+    "x). (Called outside any jit, model.{method} is compiled already and never stale.)"
+)
+
+
+def _under_jit() -> bool:
+    """Whether the code runs inside a ``jax.jit`` trace (not only a scan, cond or vmap run
+    on the spot). Reads JAX's trace stack; False wherever that cannot be read."""
+    try:
+        from jax._src import core
+
+        trace = core.trace_ctx.trace
+        while trace is not None:
+            info = getattr(getattr(trace, "frame", None), "debug_info", None)
+            if getattr(info, "traced_for", None) in ("jit", "pjit"):
+                return True
+            trace = getattr(trace, "parent_trace", None)
+    except Exception:  # noqa: BLE001 - a JAX without these internals: no warning
+        return False
+    return False
+
+
+def _warn_if_baked(model, fn) -> None:
+    if not _under_jit():
+        return
+    arrays = Snapshot(model).arrays()
+    if arrays and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+        name = f"{type(model).__name__}.{fn.__name__.lstrip('_')}"
+        method = "forward" if fn.__name__ == "__call__" else fn.__name__.lstrip("_")
+        warnings.warn(_BAKED.format(name=name, method=method), BakedParametersWarning, 3)
+
+
+def _as_written(model, fn, args, kwargs) -> bool:
     ctx = _context.current()
     if ctx.inside or ctx.prepared is not None or eager_mode() or jax.config.jax_disable_jit:
         return True
     if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+        _warn_if_baked(model, fn)
         return True
     return any(node.not_ready() is not None for node in nodes(model))
 
@@ -196,7 +252,7 @@ def compiled(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def method(model, *args, **kwargs):
-        if _as_written(model, args, kwargs):
+        if _as_written(model, fn, args, kwargs):
             return fn(model, *args, **kwargs)
         static_args = tuple((i, a) for i, a in enumerate(args) if not _dynamic(a))
         static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if not _dynamic(v)))

@@ -322,7 +322,7 @@ def test_permute_fast_paths_are_the_same_data_movement(shape):
     ]:
         y, _ = layer.forward(jnp.asarray(x))
         np.testing.assert_array_equal(y, x[..., p])
-        np.testing.assert_array_equal(jax.jit(lambda v, m=layer: m.forward(v)[0])(x), x[..., p])
+        np.testing.assert_array_equal(nnx.jit(lambda m, v: m.forward(v)[0])(layer, x), x[..., p])
         np.testing.assert_array_equal(layer.inverse(y)[0], x)
     np.testing.assert_array_equal(
         invnet.layers.permute.take_last(jnp.asarray(x), perm), x[..., perm]

@@ -8,6 +8,8 @@ XLA's fusion and operation order: 1e-12 relative (float32 samples: 1e-6).
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -161,3 +163,21 @@ def test_flow_sampling_and_densities_compiled():
     _close(draw(jax.random.key(3), 1.0), want[0])
     with pytest.raises(ValueError, match="cond"):
         flow.sample(0, 5)  # a conditional flow needs cond: the same error as written
+
+
+def test_a_model_closed_over_by_a_users_jit_warns_with_the_fix():
+    """jax.jit(flow.log_prob) bakes the parameters into the user's compiled function as
+    constants: after training it silently kept the untrained model's values. It warns now,
+    naming the fix; passing the model in (nnx.jit) and vmap/grad/scan run on the spot do not."""
+    flow = invnet.Flow(invnet.AffineCoupling(2, rngs=nnx.Rngs(0)))
+    x = jnp.ones((3, 2), jnp.float32)
+    with pytest.warns(invnet.BakedParametersWarning, match=r"nnx\.jit\(lambda m, x"):
+        jax.jit(flow.log_prob)(x)
+    with pytest.warns(invnet.BakedParametersWarning, match="forward"):
+        jax.jit(lambda v: flow.bijector.forward(v))(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nnx.jit(lambda m, v: m.log_prob(v))(flow, x)
+        jax.vmap(flow.log_prob)(x)
+        jax.grad(lambda v: flow.log_prob(v).sum())(x)
+        jax.lax.scan(lambda c, v: (c, flow.log_prob(v)), 0.0, x)

@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 
 from invnet.core import Bijector
-from invnet.walk import layers, nodes, steps
 from invnet.verification.numerics import check_log_det, errors, flat, float64_drift, inf_norm
 from invnet.verification.report import ErrorStats, LayerCheck, VerifyReport, _nanmax
+from invnet.walk import layers, nodes, steps
 
 __all__ = ["verify", "SAFETY", "layer_bound"]
 
