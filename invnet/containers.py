@@ -8,7 +8,8 @@ from typing import Any
 from flax import nnx
 
 from invnet import _runtime
-from invnet.core import Bijector, Shape, _flipped, _fmt, unify_shapes
+from invnet.core import Bijector, Shape, fmt, unify_shapes
+from invnet.walk import flipped
 
 __all__ = ["Sequential", "Inverse"]
 
@@ -36,14 +37,14 @@ def _fit_shapes(layers: list[Bijector]) -> tuple[Shape, Shape]:
         if merged is None:
             raise ValueError(
                 f"Sequential: {_name(i - 1, layers[i - 1])} outputs events of shape "
-                f"{_fmt(current)} but {_name(i, layer)} takes {_fmt(pattern)}: the layers "
+                f"{fmt(current)} but {_name(i, layer)} takes {fmt(pattern)}: the layers "
                 "have different sizes where they meet"
             )
         try:
             current = layer.output_shape(merged)
         except ValueError as err:
             raise ValueError(
-                f"Sequential: {_name(i, layer)} cannot take events {_fmt(merged)}: {err}"
+                f"Sequential: {_name(i, layer)} cannot take events {fmt(merged)}: {err}"
             ) from None
         inputs.append(merged)
     if current is None:
@@ -231,9 +232,9 @@ class Inverse(Bijector):
         return cls(children[0])
 
     def forward(self, x, *, cond=None):
-        with _flipped():
+        with flipped():
             return self.bijector.inverse(x, cond=cond)
 
     def inverse(self, y, *, cond=None):
-        with _flipped():
+        with flipped():
             return self.bijector.forward(y, cond=cond)

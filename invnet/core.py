@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from invnet import _context, _runtime, splitmm
-from invnet.walk import flipped, nodes
+from invnet.walk import nodes
 
 __all__ = ["Bijector", "Buffer", "set_precision", "from_spec", "PRECISIONS"]
 
@@ -99,9 +99,6 @@ def prepared_active() -> bool:
     return _context.current().prepared is not None
 
 
-_flipped = flipped  # the name the layers' files use
-
-
 def data_direction(inverse: bool) -> bool:
     """Whether a layer's ``forward`` (``inverse=False``) or ``inverse`` (``True``) is running
     in the direction data flows through the model: the model's ``forward``, seen through any
@@ -109,7 +106,7 @@ def data_direction(inverse: bool) -> bool:
     return inverse == _context.current().flipped
 
 
-def _fmt(shape) -> str:
+def fmt(shape) -> str:
     """An event shape for messages; ``*`` marks an axis of any size."""
     inner = ", ".join("*" if s is None else str(s) for s in shape)
     return f"({inner},)" if len(shape) == 1 else f"({inner})"
@@ -287,7 +284,7 @@ class Bijector(nnx.Module):
         pattern = self.output_pattern() if inverse else self.event_pattern()
         k = len(pattern)
         if x.ndim < k:
-            what = "a feature axis" if k == 1 else f"{k} event axes {_fmt(pattern)}"
+            what = "a feature axis" if k == 1 else f"{k} event axes {fmt(pattern)}"
             got = "a scalar" if x.ndim == 0 else f"shape {tuple(x.shape)}"
             raise ValueError(f"{label}: {name} must have {what}, got {got}")
         event = tuple(x.shape[x.ndim - k :])
@@ -298,7 +295,7 @@ class Bijector(nnx.Module):
                     f"got {name} of shape {tuple(x.shape)}"
                 )
             raise ValueError(
-                f"{label}: expected event shape {_fmt(pattern)} (the last {k} axes), "
+                f"{label}: expected event shape {fmt(pattern)} (the last {k} axes), "
                 f"got {name} of shape {tuple(x.shape)}"
             )
         # a layer that cannot take this event (e.g. odd sizes for a squeeze) says so here

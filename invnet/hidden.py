@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from invnet.containers import Sequential
-from invnet.core import Bijector, _fmt, unify_shapes
+from invnet.core import Bijector, fmt, unify_shapes
 from invnet.revprop import Reversible
 
 __all__ = ["saliency", "input_for_hidden"]
@@ -96,7 +96,7 @@ def saliency(
     batch, event = x.shape[:cut], x.shape[cut:]
     if unify_shapes(pattern, event) is None:  # also a rank that does not fit
         raise ValueError(
-            f"saliency: the model takes events of shape {_fmt(pattern)}, got x of shape {x.shape}"
+            f"saliency: the model takes events of shape {fmt(pattern)}, got x of shape {x.shape}"
         )
     state_shape = tuple(sub.output_shape(event))
     size_in, size_out = math.prod(event), math.prod(state_shape)

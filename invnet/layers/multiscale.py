@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from invnet.core import Bijector, Shape, _fmt, unify_shapes
+from invnet.core import Bijector, Shape, fmt, unify_shapes
 from invnet.walk import Move, layers, nodes
 
 __all__ = ["FactorOut"]
@@ -84,12 +84,12 @@ class FactorOut(Bijector):
             pattern = rest.event_pattern()
         if unify_shapes(pattern, self.rest_shape) is None:
             raise ValueError(
-                f"FactorOut: rest takes events {_fmt(pattern)} but receives the remaining "
-                f"channels {_fmt(self.rest_shape)}"
+                f"FactorOut: rest takes events {fmt(pattern)} but receives the remaining "
+                f"channels {fmt(self.rest_shape)}"
             )
         out = rest.output_shape(self.rest_shape)
         if any(s is None for s in out) or math.prod(out) != math.prod(self.rest_shape):
-            raise ValueError(f"FactorOut: rest maps {_fmt(self.rest_shape)} to {_fmt(out)}")
+            raise ValueError(f"FactorOut: rest maps {fmt(self.rest_shape)} to {fmt(out)}")
         self.rest = rest
         self.rest_out = tuple(int(s) for s in out)
         self.cond_dim = rest.cond_dim
@@ -115,13 +115,13 @@ class FactorOut(Bijector):
 
     def output_shape(self, shape: Shape) -> Shape:
         if unify_shapes(tuple(shape), self.event_shape) is None:
-            raise ValueError(f"FactorOut takes events {_fmt(self.event_shape)}, got {_fmt(shape)}")
+            raise ValueError(f"FactorOut takes events {fmt(self.event_shape)}, got {fmt(shape)}")
         return (math.prod(self.event_shape),)
 
     def input_shape(self, shape: Shape) -> Shape:
         size = math.prod(self.event_shape)
         if unify_shapes(tuple(shape), (size,)) is None:
-            raise ValueError(f"FactorOut produces events ({size},), got {_fmt(shape)}")
+            raise ValueError(f"FactorOut produces events ({size},), got {fmt(shape)}")
         return self.event_shape
 
     def error_bound(self) -> tuple[float, str]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from invnet.core import Bijector, Shape, _fmt, unify_shapes
+from invnet.core import Bijector, Shape, fmt, unify_shapes
 
 __all__ = ["Reshape"]
 
@@ -59,12 +59,12 @@ class Reshape(Bijector):
 
     def output_shape(self, shape: Shape) -> Shape:
         if unify_shapes(tuple(shape), self.in_shape) is None:
-            raise ValueError(f"Reshape takes events {_fmt(self.in_shape)}, got {_fmt(shape)}")
+            raise ValueError(f"Reshape takes events {fmt(self.in_shape)}, got {fmt(shape)}")
         return self.out_shape
 
     def input_shape(self, shape: Shape) -> Shape:
         if unify_shapes(tuple(shape), self.out_shape) is None:
-            raise ValueError(f"Reshape produces events {_fmt(self.out_shape)}, got {_fmt(shape)}")
+            raise ValueError(f"Reshape produces events {fmt(self.out_shape)}, got {fmt(shape)}")
         return self.in_shape
 
     def error_bound(self) -> tuple[float, str]:

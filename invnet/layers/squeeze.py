@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from invnet.core import Bijector, Shape, _fmt
+from invnet.core import Bijector, Shape, fmt
 
 __all__ = ["Squeeze", "HaarDownsample"]
 
@@ -28,7 +28,7 @@ class _SpaceToDepth(Bijector):
             if size is not None and size % f:
                 raise ValueError(
                     f"{name}: the image {axis} must be divisible by {f}, got events "
-                    f"{_fmt(shape)}; crop or pad the images (or squeeze fewer times)"
+                    f"{fmt(shape)}; crop or pad the images (or squeeze fewer times)"
                 )
         scale = lambda s, k: None if s is None else s * k  # noqa: E731
         return (None if h is None else h // f, None if w is None else w // f, scale(c, f * f))
@@ -39,7 +39,7 @@ class _SpaceToDepth(Bijector):
         if c is not None and c % (f * f):
             raise ValueError(
                 f"{name}: the inverse needs a channel count divisible by {f * f}, got events "
-                f"{_fmt(shape)}"
+                f"{fmt(shape)}"
             )
         scale = lambda s, k: None if s is None else s * k  # noqa: E731
         return (scale(h, f), scale(w, f), None if c is None else c // (f * f))

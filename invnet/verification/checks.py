@@ -25,7 +25,7 @@ from flax import nnx
 
 from invnet.core import Bijector
 from invnet.verification.numerics import check_log_det, errors, flat, float64_drift, inf_norm
-from invnet.verification.report import ErrorStats, LayerCheck, VerifyReport, _nanmax
+from invnet.verification.report import ErrorStats, LayerCheck, VerifyReport, nanmax
 from invnet.walk import layers, nodes, steps
 
 __all__ = ["verify", "SAFETY", "layer_bound"]
@@ -317,7 +317,7 @@ def _layer_check(k, leaf, bound_rule, out, finite, rule, failures) -> LayerCheck
     n_bad = int(np.sum(finite & ~layer_mask))
     lf, li = _stats(f_abs, f_mean, f_rel, layer_mask), _stats(i_abs, i_mean, i_rel, layer_mask)
     ltol = rule.layer_tol(bound)
-    worst = _nanmax(lf.max_rel, li.max_rel)
+    worst = nanmax(lf.max_rel, li.max_rel)
     ok = n_bad == 0 and not worst > ltol
     kind = type(leaf.layer).__name__
     if not ok:

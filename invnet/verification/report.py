@@ -43,7 +43,7 @@ class LayerCheck:
 
     @property
     def max_rel(self) -> float:
-        return _nanmax(self.forward.max_rel, self.inverse.max_rel)
+        return nanmax(self.forward.max_rel, self.inverse.max_rel)
 
 
 @dataclass
@@ -183,10 +183,10 @@ class VerifyReport:
         return f" (event {a} -> {b})" if a != b else f" (event {a})"
 
     def _max_rel(self) -> float:
-        return _nanmax(self.forward.max_rel, self.inverse.max_rel)
+        return nanmax(self.forward.max_rel, self.inverse.max_rel)
 
 
-def _nanmax(*values: float) -> float:
+def nanmax(*values: float) -> float:
     """The largest value that is not NaN (NaN when all are)."""
     kept = [v for v in values if not math.isnan(v)]
     return max(kept) if kept else math.nan
