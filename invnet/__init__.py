@@ -51,7 +51,7 @@ from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
-from invnet.verification import VerifyReport, verify
+from invnet.verification import VerifyReport, explain_nonfinite, verify
 
 __version__ = "0.1.0"
 
@@ -79,6 +79,7 @@ __all__ = [
     "shard_batch",
     "replicate",
     "verify",
+    "explain_nonfinite",
     "VerifyReport",
     "saliency",
     "input_for_hidden",
