@@ -4,7 +4,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 ``inverse(y) -> (x, log_det)``; see `invnet.core` for the contract.
 """
 
-from invnet._runtime import BakedParametersWarning, eager
+from invnet._runtime import BakedParametersWarning, NonFiniteWarning, eager
 from invnet._version import __version__
 from invnet.benchmarking import BenchReport, bench
 from invnet.builders import spline_flow
@@ -53,7 +53,7 @@ from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
-from invnet.verification import VerifyReport, verify
+from invnet.verification import VerifyReport, explain_nonfinite, verify
 
 __all__ = [
     "__version__",
@@ -80,6 +80,7 @@ __all__ = [
     "shard_batch",
     "replicate",
     "verify",
+    "explain_nonfinite",
     "VerifyReport",
     "saliency",
     "input_for_hidden",
@@ -98,6 +99,7 @@ __all__ = [
     "compile",
     "eager",
     "BakedParametersWarning",
+    "NonFiniteWarning",
     "Compiled",
     "StaleCompiledError",
     "CompiledTraceError",

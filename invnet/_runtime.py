@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 import weakref
@@ -62,6 +63,7 @@ __all__ = [
     "Snapshot",
     "CACHE_SIZE",
     "BakedParametersWarning",
+    "NonFiniteWarning",
 ]
 
 CACHE_SIZE = 256
@@ -245,10 +247,45 @@ def _make(structure, fn, static_args, static_kwargs):
     return run
 
 
-def compiled(fn: Callable) -> Callable:
+class NonFiniteWarning(RuntimeWarning):
+    """A model's inverse turned finite inputs into NaN/inf (a target outside the range of an
+    interval layer such as `invnet.Tanh`): `invnet.explain_nonfinite` names the layer."""
+
+
+def _check_finite(model, data, out) -> None:
+    """Warn when samples with finite ``data`` came back non-finite (one reduction of each;
+    nothing more unless some did)."""
+    try:
+        batch = model.batch_shape(data, inverse=True)
+    except (AttributeError, TypeError, ValueError):
+        return
+    n = math.prod(batch)
+    if not n:
+        return
+    went_in = jax.numpy.isfinite(data.reshape(n, -1)).all(axis=1)
+    came_out = jax.numpy.isfinite(out.reshape(n, -1)).all(axis=1)
+    lost = np.flatnonzero(np.asarray(went_in & ~came_out))
+    if lost.size:
+        shown = ", ".join(str(i) for i in lost[:8]) + (", ..." if lost.size > 8 else "")
+        warnings.warn(
+            f"{type(model).__name__}.inverse: {lost.size} of {n} samples with finite inputs "
+            f"came back NaN/inf (samples {shown}, flat batch indices): a target outside the "
+            "range of an interval layer (Tanh, Sigmoid, Logit) has no preimage. "
+            "invnet.explain_nonfinite(model, y) names the layer where each one left the range",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+
+
+def compiled(fn: Callable | None = None, *, check_finite: bool = False) -> Callable:
     """Decorate a method ``fn(model, *args, **kwargs)`` of a model (or a function whose first
     argument is one) so that, called on concrete arrays, it runs as a cached jitted function
-    of the model's current variables (see the module docstring); otherwise as written."""
+    of the model's current variables (see the module docstring); otherwise as written.
+
+    ``check_finite`` (for inverses): after a compiled call, warn (`NonFiniteWarning`) when
+    samples of a finite first argument came back non-finite."""
+    if fn is None:
+        return functools.partial(compiled, check_finite=check_finite)
 
     @functools.wraps(fn)
     def method(model, *args, **kwargs):
@@ -272,6 +309,9 @@ def compiled(fn: Callable) -> Callable:
             )
         dyn_args = [a for a in args if _dynamic(a)]
         dyn_kwargs = {k: v for k, v in kwargs.items() if _dynamic(v)}
-        return jitted(leaves, dyn_args, dyn_kwargs)
+        out = jitted(leaves, dyn_args, dyn_kwargs)
+        if check_finite and isinstance(args[0], jax.Array | np.ndarray):
+            _check_finite(model, jax.numpy.asarray(args[0]), out[0])
+        return out
 
     return method

@@ -110,7 +110,10 @@ def bits_per_dim(
 
     where D is the number of values in one sample; ``samples`` draws of ``u`` are
     averaged (one draw is an unbiased estimate of the bound). The uniform model over
-    ``levels`` values scores ``log2(levels)``.
+    ``levels`` values scores ``log2(levels)``. A ``scale`` at which the flow scores far
+    worse than that (by more than 4 bits per value) while ``1`` or ``1/levels`` scores it
+    far better is refused, with the ``scale`` to pass: integer levels fed to a flow trained
+    on ``[0, 1]``, or the reverse (checked on concrete inputs only).
 
     Args:
         flow: an `invnet.Flow` (or any model with ``log_prob``), or a bare bijector
@@ -147,12 +150,55 @@ def bits_per_dim(
     size = math.prod(a.shape[a.ndim - k :])
     if size == 0:
         raise ValueError("bits_per_dim: the samples are empty (an event of size 0)")
+    bpd = _bits(flow, a, key, scale, offset, samples, cond, size)
+    if not isinstance(bpd, jax.core.Tracer) and bpd.size:
+        _check_scale(flow, a, key, scale, offset, levels, cond, size, bpd)
+    return bpd
+
+
+def _bits(flow, a, key, scale, offset, samples, cond, size):
     total = 0.0
     for i in range(samples):
         x = dequantize(jax.random.fold_in(key, i), a) * scale + offset
         total = total + _log_density(flow, x, cond)
     mean_log_p = total / samples
     return -(mean_log_p + size * math.log(scale)) / (size * math.log(2.0))
+
+
+# A flow scored more than this many bits per value above the uniform model over the levels
+# is taken as fed at the wrong scale when another scale scores it that much better.
+IMPLAUSIBLE_BITS = 4.0
+
+
+def _check_scale(flow, a, key, scale, offset, levels, cond, size, bpd) -> None:
+    """Refuse a ``scale`` at which the pixels cannot be what the flow was trained on.
+
+    The uniform model over ``levels`` values scores ``log2(levels)`` bits per value; a flow
+    scoring ``IMPLAUSIBLE_BITS`` more than that at ``scale`` while ``1`` or ``1/levels``
+    (levels given, or the next power of 2 above the largest pixel) scores it far better was
+    trained on the other scale: integer levels fed to a flow trained on ``[0, 1]``
+    (``bits_per_dim(glow, pixels, key=0)`` gave 198,164 instead of 8.34) or the reverse.
+    """
+    high = float(np.max(np.asarray(a)))
+    levels = levels if levels is not None else 2 ** max(1, math.ceil(math.log2(high + 1)))
+    ceiling = math.log2(levels) + IMPLAUSIBLE_BITS
+    got = float(np.mean(np.asarray(bpd, np.float64)))
+    if not got > ceiling:  # plausible (or NaN: nothing to compare)
+        return
+    for other, label in ((1.0 / levels, f"1/{levels}"), (1.0, "1")):
+        if math.isclose(other, scale, rel_tol=1e-6):
+            continue
+        alt = _bits(flow, a, key, other, 0.0, 1, cond, size)
+        alt = float(np.mean(np.asarray(alt, np.float64)))
+        if alt <= ceiling and alt < got - IMPLAUSIBLE_BITS:
+            raise ValueError(
+                f"bits_per_dim: at scale={scale:.6g} (offset={offset:g}) the flow scores "
+                f"{got:.6g} bits/dim, far above the {math.log2(levels):g} of a uniform model "
+                f"over {levels} levels, while scale={label} gives {alt:.4g}: these pixels "
+                f"cannot be what the flow was trained on at scale={scale:.6g}. Pass "
+                f"scale={label} (1 when the flow starts with invnet.Dequantize or was trained "
+                f"on pixels + u; 1/{levels} when it was trained on (pixels + u) / {levels})"
+            )
 
 
 def _log_density(flow, x, cond):

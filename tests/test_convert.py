@@ -33,7 +33,7 @@ def random_net(seed=0):
 
 def test_round_trip_of_random_square_network():
     layers = random_net()
-    model = invnet.from_dense(layers)
+    model = invnet.from_dense(layers, weight_layout="out_in")
     assert [type(m).__name__ for m in model] == ["LULinear", "LeakyReLU", "LULinear"] + [
         "LeakyReLU",
         "LULinear",
@@ -56,7 +56,8 @@ def test_keras_layout_and_dict_format_give_the_same_model():
             dicts.append({"type": "dense", "weight": item[1].T, "bias": item[2]})
         else:
             dicts.append({"type": "leaky_relu", "negative_slope": item[1]})
-    a, b = invnet.from_dense(layers), invnet.from_dense(dicts, weight_layout="in_out")
+    a = invnet.from_dense(layers, weight_layout="out_in")
+    b = invnet.from_dense(dicts, weight_layout="in_out")
     x = jnp.asarray(np.random.default_rng(3).normal(size=(4, D)))
     np.testing.assert_allclose(a(x), b(x), rtol=1e-12)
 
@@ -83,7 +84,8 @@ def test_relu_network_is_refused_and_every_problem_listed():
                 ("dense", singular),
                 ("softmax",),
                 ("leaky_relu", 0.0),
-            ]
+            ],
+            weight_layout="out_in",
         )
     msg = str(info.value)
     assert "layer 1 (relu)" in msg and "leaky ReLU" in msg and "no inverse exists" in msg
@@ -97,7 +99,8 @@ def test_tanh_sigmoid_and_default_leaky_slope_network():
     rng = np.random.default_rng(4)
     w1, b1, w2 = rng.normal(size=(D, D)), rng.normal(size=D), rng.normal(size=(D, D))
     model = invnet.from_dense(
-        [("dense", w1, b1), "tanh", ("dense", w2), "leaky_relu", ("dense", w1), ("sigmoid",)]
+        [("dense", w1, b1), "tanh", ("dense", w2), "leaky_relu", ("dense", w1), ("sigmoid",)],
+        weight_layout="out_in",
     )
     kinds = [type(m).__name__ for m in model]
     assert kinds == ["LULinear", "Tanh", "LULinear", "LeakyReLU", "LULinear", "Sigmoid"]
@@ -118,15 +121,16 @@ def test_state_dict_of_a_torch_sequential():
     # torch: Sequential(Linear, LeakyReLU(0.2), Linear, Tanh) -> keys 0.* and 2.*
     state = {"net.0.weight": w0, "net.0.bias": b0, "net.2.weight": w2, "net.2.bias": b2}
     model = invnet.from_dense(state, activations={1: ("leaky_relu", 0.2), 3: "tanh"})
-    listed = invnet.from_dense([("dense", w0, b0), ("leaky_relu", 0.2), ("dense", w2, b2), "tanh"])
+    listed = invnet.from_dense(
+        [("dense", w0, b0), ("leaky_relu", 0.2), ("dense", w2, b2), "tanh"], weight_layout="out_in"
+    )
     x = jnp.asarray(rng.normal(size=(4, D)))
     np.testing.assert_allclose(model(x), listed(x), rtol=1e-12)
-    # one spec fills every weightless index between dense layers (not a trailing one)
-    assert [type(m).__name__ for m in invnet.from_dense(state, activations="sigmoid")] == [
-        "LULinear",
-        "Sigmoid",
-        "LULinear",
-    ]
+    # one spec for several dense layers: the state_dict cannot say whether an activation
+    # follows the last Linear (it used to be dropped silently); both mappings are spelled out
+    both = r"=\{1: 'sigmoid'\} if .*=\{1: 'sigmoid', 3: 'sigmoid'\}"
+    with pytest.raises(ValueError, match=both):
+        invnet.from_dense(state, activations="sigmoid")
     with pytest.raises(ValueError, match=r"module 1 .*activations=\{1: 'tanh'\}"):
         invnet.from_dense(state)
     with pytest.raises(ValueError, match="'0.running_mean'"):
@@ -174,3 +178,85 @@ def test_tanh_sigmoid_error_bounds_are_stated():
     for layer in (invnet.Tanh(), invnet.Sigmoid()):
         bound, rule = layer.error_bound()
         assert bound == float("inf") and "unbounded" in rule
+
+
+def test_square_array_needs_its_layout_and_flax_modules_are_read_right():
+    """A square Flax/Keras kernel read as PyTorch's (out, in) gave the transposed network
+    without a word; now an array's layout must be said, and modules carry their own."""
+    from flax import nnx
+
+    linear = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    kernel, bias = np.asarray(linear.kernel[...]), np.asarray(linear.bias[...])
+    with pytest.raises(ValueError, match="square .*weight_layout='out_in'.*'in_out'"):
+        invnet.from_dense([("dense", kernel, bias)])
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3)), jnp.float32)
+    want = np.tanh(np.asarray(linear(x)))
+    for model in (
+        invnet.from_dense([("dense", kernel, bias), "tanh"], weight_layout="in_out"),
+        invnet.from_dense([linear, nnx.tanh]),
+        invnet.from_dense(nnx.Sequential(linear, nnx.tanh)),
+    ):
+        assert [type(m).__name__ for m in model] == ["LULinear", "Tanh"]
+        np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(invnet.NotInvertibleError, match="relu"):
+        invnet.from_dense([linear, nnx.relu])
+
+
+class _KerasDense:  # what from_dense reads of a keras.layers.Dense, without keras
+    def __init__(self, kernel, bias, activation):
+        self.kernel, self.bias, self.activation = kernel, bias, activation
+
+    def get_weights(self):
+        return [self.kernel, self.bias]
+
+    def get_config(self):
+        return {"units": self.kernel.shape[1], "activation": self.activation}
+
+
+_KerasDense.__name__ = "Dense"
+
+
+class LeakyReLU:  # keras.layers.LeakyReLU's interface (Keras's default slope is 0.3)
+    def get_weights(self):
+        return []
+
+    def get_config(self):
+        return {"negative_slope": 0.3}
+
+
+def test_keras_like_layers_keep_their_activations():
+    rng = np.random.default_rng(8)
+    k1, b1, k2, b2 = (
+        rng.normal(size=(D, D)),
+        rng.normal(size=D),
+        rng.normal(size=(D, D)),
+        np.zeros(D),
+    )
+    dense1, dense2 = _KerasDense(k1, b1, "tanh"), _KerasDense(k2, b2, "linear")
+    model = invnet.from_dense([dense1, LeakyReLU(), dense2])
+    assert [type(m).__name__ for m in model] == ["LULinear", "Tanh", "LeakyReLU", "LULinear"]
+    x = rng.normal(size=(4, D)) * 0.3
+    h = np.tanh(x @ k1 + b1)
+    want = np.where(h < 0, 0.3 * h, h) @ k2 + b2
+    np.testing.assert_allclose(model(jnp.asarray(x)), want, rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_keeps_a_trailing_activation():
+    """torch Sequential(Linear, Tanh): one spec used to be dropped (one LULinear came back)."""
+    rng = np.random.default_rng(9)
+    w, b = rng.normal(size=(D, D)), rng.normal(size=D)
+    model = invnet.from_dense({"0.weight": w, "0.bias": b}, activations="tanh")
+    assert [type(m).__name__ for m in model] == ["LULinear", "Tanh"]
+    x = rng.normal(size=(4, D)) * 0.3
+    np.testing.assert_allclose(model(jnp.asarray(x)), np.tanh(x @ w.T + b), rtol=1e-12)
+
+
+def test_ill_conditioned_matrix_is_built_with_a_warning_that_verify_would_fail():
+    """A cond-1e6 matrix was accepted silently in float32, then invnet.verify failed it."""
+    rng = np.random.default_rng(10)
+    q1, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    q2, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    w = q1 @ np.diag(np.logspace(0, -6, D)) @ q2  # condition number 1e6
+    with pytest.warns(RuntimeWarning, match=r"condition number 1e\+06.*float64"):
+        invnet.from_dense([("dense", w)], weight_layout="out_in", param_dtype=jnp.float32)
+    invnet.from_dense([("dense", w)], weight_layout="out_in", param_dtype=jnp.float64)  # fine

@@ -346,3 +346,31 @@ def test_lulinear_inverse_by_solves_and_by_inverse_matrix_agree():
     assert float(jnp.max(jnp.abs(x32.astype(jnp.float64) - x_many))) <= 64 * 1.2e-7 * bound * float(
         jnp.max(jnp.abs(x_many))
     )
+
+
+def test_actnorm_init_ignores_non_finite_samples_and_refuses_a_batch_without_finite_ones():
+    """One NaN row used to make every ActNorm parameter NaN (so every Glow's)."""
+    x = 5.0 + 2.0 * jax.random.normal(jax.random.key(0), (64, 3), jnp.float64)
+    bad = x.at[3, 1].set(jnp.nan).at[10, 0].set(jnp.inf)
+    clean = invnet.ActNorm(3, param_dtype=jnp.float64)
+    clean.forward(jnp.delete(x, jnp.array([3, 10]), axis=0))
+    norm = invnet.ActNorm(3, param_dtype=jnp.float64)
+    with pytest.warns(RuntimeWarning, match=r"ignored 2 of 64 samples .*\[3, 10\]"):
+        invnet.data_init(invnet.Sequential(norm), bad)
+    np.testing.assert_allclose(norm.bias[...], clean.bias[...], rtol=1e-12)
+    np.testing.assert_allclose(norm.log_scale[...], clean.log_scale[...], rtol=1e-12)
+    traced = invnet.ActNorm(3, param_dtype=jnp.float64)  # inside nnx.jit: no warning
+    nnx.jit(lambda m, v: m.forward(v))(traced, bad)
+    np.testing.assert_allclose(traced.bias[...], clean.bias[...], rtol=1e-10)
+    with pytest.raises(ValueError, match="all 64 samples .* NaN or inf"):
+        invnet.ActNorm(3).data_init(jnp.full((64, 3), jnp.nan, jnp.float32))
+
+
+def test_glow_data_init_survives_one_nan_image():
+    glow = invnet.glow((4, 4, 1), levels=1, steps=1, hidden=4, rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (16, 4, 4, 1), jnp.float32)
+    with pytest.warns(RuntimeWarning, match="ignored 1 of 16 samples"):
+        invnet.data_init(glow, images.at[5, 2, 2, 0].set(jnp.nan))
+    params = jax.tree.leaves(nnx.state(glow, nnx.Param))
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in params)
+    assert bool(jnp.all(jnp.isfinite(glow.log_prob(images))))

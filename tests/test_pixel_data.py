@@ -116,3 +116,19 @@ def test_bits_per_dim_refuses_bad_arguments():
         invnet.bits_per_dim(flow, pixels + 0.5, key=0)
     with pytest.raises(TypeError, match="key"):
         invnet.bits_per_dim(flow, pixels, key="seed")
+
+
+def test_bits_per_dim_refuses_a_scale_the_flow_was_not_trained_on():
+    """A Glow fitted to (pixels + u) / 16 scored at the default scale=1 returned a huge,
+    silently wrong figure (198,164 instead of 8.34 at 256 levels); the reverse too."""
+    glow = invnet.glow((4, 4, 1), levels=1, steps=1, hidden=4, rngs=nnx.Rngs(0))
+    pixels = _pixels((32, 4, 4, 1))
+    invnet.data_init(glow, invnet.dequantize(1, pixels) / LEVELS)  # trained on [0, 1]
+    right = invnet.bits_per_dim(glow, pixels, key=0, scale=1 / LEVELS)
+    assert float(right.mean()) < np.log2(LEVELS) + 4
+    with pytest.raises(ValueError, match=r"Pass scale=1/16"):
+        invnet.bits_per_dim(glow, pixels, key=0)
+    vector = _vector_flow(True)  # starts with Dequantize: takes the levels themselves
+    invnet.bits_per_dim(vector, _pixels((32, 4)), key=0, levels=LEVELS)
+    with pytest.raises(ValueError, match=r"Pass scale=1 "):
+        invnet.bits_per_dim(vector, _pixels((32, 4)), key=0, scale=1 / LEVELS)

@@ -16,6 +16,7 @@ from invnet.layers.coupling import _ACTIVATIONS
 from invnet.layers.spline import (
     SPLINE_BOUND,
     check_spline_config,
+    conditioner_input,
     n_spline_params,
     rq_spline_forward,
     rq_spline_inverse,
@@ -106,7 +107,8 @@ class MaskedAutoregressive(Bijector):
     * ``transformer="affine"``: ``tau(x) = x exp(s) + t``, ``s = clamp tanh(s_raw / clamp)``
       (as in `AffineCoupling`; amplification at most ``exp(2 clamp)``);
     * ``transformer="spline"``: the monotone rational-quadratic spline of `SplineCoupling`
-      (``bins``, ``bound``, linear tails).
+      (``bins >= 2``, ``bound``, linear tails; MADE sees ``x`` clipped to
+      ``[-bound, bound]``, so tail points get no extrapolated, extreme splines).
 
     * Log-det: ``sum_i log tau'(x_i)``: the Jacobian is triangular. O(D) after the MADE pass.
     * Forward (x -> y): **one** MADE pass, all features at once.
@@ -212,14 +214,21 @@ class MaskedAutoregressive(Bijector):
         params = rq_spline_params(theta, bound=self.bound)
         return (rq_spline_inverse if inverse else rq_spline_forward)(v, params)
 
+    def _theta(self, x, cond):
+        """MADE's output for ``x``; a spline's MADE sees ``x`` clipped to ``[-bound, bound]``
+        (`invnet.layers.spline.conditioner_input`: no extreme splines from tail points)."""
+        if self.transformer == "spline":
+            x = conditioner_input(x, self.bound)
+        return self.made(x, cond)
+
     def _forward(self, x, cond):
-        y, log_det = self._transform(x, self.made(x, cond), inverse=False)
+        y, log_det = self._transform(x, self._theta(x, cond), inverse=False)
         return y, jnp.sum(log_det, axis=-1)
 
     def _inverse(self, y, cond):
         def step(_, carry):
             x, _ = carry
-            return self._transform(y, self.made(x, cond), inverse=True)
+            return self._transform(y, self._theta(x, cond), inverse=True)
 
         start = (jnp.zeros_like(y), jnp.zeros_like(y))
         x, log_det = jax.lax.fori_loop(0, self.dim, step, start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -37,6 +38,8 @@ class ActNorm(Bijector):
       initialises. Inside an `invnet.Inverse` the data reach the layer's ``inverse``: the
       model's first ``forward`` then sets the parameters so that what comes out of it is
       standardised. A batch of one sample (std 0) keeps ``log_scale`` finite through ``eps``.
+      Samples holding NaN or inf are left out of the statistics (with a warning that says
+      how many, when called eagerly); a batch with no finite sample is refused.
 
     Reference: Kingma & Dhariwal, "Glow", NeurIPS 2018.
 
@@ -99,10 +102,8 @@ class ActNorm(Bijector):
         ``nnx.merge`` made in an outer trace) the values are used for this call only and the
         layer stays as it was.
         """
-        flat = x.reshape(-1, self.dim)
+        mean, std = self._finite_stats(x)
         dt = self.param_dtype
-        mean = jnp.mean(flat, axis=0)
-        std = jnp.std(flat, axis=0) + self.eps
         if inverse:  # x = y * exp(-log_scale) - bias = (y - mean) / std
             new_bias, new_log_scale = (mean / std).astype(dt), jnp.log(std).astype(dt)
         else:  # y = (x + bias) * exp(log_scale) = (x - mean) / std
@@ -117,6 +118,30 @@ class ActNorm(Bijector):
         except TraceContextError:
             pass
         return bias, log_scale
+
+    def _finite_stats(self, x):
+        """Per-feature mean and ``std + eps`` over the samples of ``x`` whose values are all
+        finite: one NaN or inf row would otherwise make every parameter NaN.
+
+        Called eagerly (concrete ``x``), it warns with the number of samples ignored and
+        refuses a batch with no finite sample. Inside a trace nothing can be said: a batch
+        with no finite sample gives the identity (bias 0, log-scale 0).
+        """
+        batch = x.shape[: x.ndim - self.event_ndim]
+        event_axes = tuple(range(len(batch), x.ndim))
+        sample_ok = jnp.all(jnp.isfinite(x), axis=event_axes)
+        if not isinstance(x, jax.core.Tracer):
+            _report_nonfinite_samples(np.asarray(sample_ok))
+        rows = jnp.broadcast_to(
+            sample_ok.reshape(batch + (1,) * (self.event_ndim - 1)), x.shape[:-1]
+        ).reshape(-1, 1)
+        flat = jnp.where(rows, x.reshape(-1, self.dim), 0.0)
+        count = jnp.sum(rows).astype(x.dtype)
+        safe = jnp.maximum(count, 1.0)
+        mean = jnp.sum(flat, axis=0) / safe
+        var = jnp.sum(jnp.where(rows, (flat - mean) ** 2, 0.0), axis=0) / safe
+        std = jnp.where(count > 0, jnp.sqrt(var), 1.0 - self.eps) + self.eps
+        return mean, std
 
     def error_bound(self) -> tuple[float, str]:
         log_scale = np.asarray(self.log_scale[...], np.float64)
@@ -161,6 +186,27 @@ class ActNorm(Bijector):
         log_scale = log_scale.astype(y.dtype)
         x = y * jnp.exp(-log_scale) - bias.astype(y.dtype)
         return x, -self._log_det(log_scale, y)
+
+
+def _report_nonfinite_samples(sample_ok: np.ndarray) -> None:
+    """Warn how many samples the data-dependent init ignores; refuse when none is left."""
+    bad, total = int(sample_ok.size - sample_ok.sum()), int(sample_ok.size)
+    if bad == 0:
+        return
+    if bad == total:
+        raise ValueError(
+            f"ActNorm: cannot initialise from data: all {total} samples of the batch that "
+            "reaches it hold NaN or inf. Check the data for non-finite values "
+            "(e.g. x[np.isfinite(x).all(axis=tuple(range(1, x.ndim)))]) and pass finite rows"
+        )
+    where = np.flatnonzero(~sample_ok.reshape(-1))[:10].tolist()
+    warnings.warn(
+        f"ActNorm: data-dependent init ignored {bad} of {total} samples with NaN or inf "
+        f"values (flat indices {where}{' ...' if bad > 10 else ''}); its bias and scale "
+        f"come from the other {total - bad}. Remove or fix those rows in your data",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def data_init(model: Bijector, x: jax.Array, *, cond: jax.Array | None = None) -> Bijector:

@@ -41,9 +41,28 @@ image ``(H, W, C)``, ...; the output event may have another shape (a reshape or 
   ``SAFETY * eps * (D * cond(J) + |log_det| + 1)``.
 * **Non-finite values.** Samples with NaN/inf inputs (or conditions) are counted and left out
   of the statistics; NaN/inf outputs of finite inputs are counted and fail the check.
+  `explain_nonfinite` (in `invnet.verification.nonfinite`) names the layer where each such
+  sample left the model's range.
 """
 
 from invnet.verification.checks import SAFETY, layer_bound, verify
+from invnet.verification.nonfinite import (
+    NonFiniteLayer,
+    NonFiniteReport,
+    explain_nonfinite,
+    warn_nonfinite,
+)
 from invnet.verification.report import ErrorStats, LayerCheck, VerifyReport
 
-__all__ = ["verify", "VerifyReport", "ErrorStats", "LayerCheck", "SAFETY", "layer_bound"]
+__all__ = [
+    "verify",
+    "VerifyReport",
+    "ErrorStats",
+    "LayerCheck",
+    "SAFETY",
+    "layer_bound",
+    "explain_nonfinite",
+    "warn_nonfinite",
+    "NonFiniteReport",
+    "NonFiniteLayer",
+]
