@@ -2,8 +2,9 @@
 ``invnet bench PATH`` (how fast is a saved model, see `invnet.bench`).
 
 ``invnet bench`` exit codes: 0 measured (modes that could not run are listed under
-"skipped"), 2 unusable input (missing or corrupt model file, bad ``--cond``/``--shape``,
-no such device); the reason is one line on stderr.
+"skipped"), 2 unusable input (missing, corrupt or refused model file, bad
+``--cond``/``--shape``, no such device); the reason is one line on stderr, and with
+``--json`` also ``{"ok": false, "error": ..., "exit_code": 2}`` on stdout.
 """
 
 from __future__ import annotations
@@ -104,13 +105,22 @@ def run_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except _Unusable as err:
-        print(f"invnet bench: error: {err}", file=sys.stderr)
-        return 2
+        return _bench_unusable(str(err), args.json)
     except (TypeError, ValueError) as err:
-        print(f"invnet bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return _bench_unusable(str(err).splitlines()[0], args.json)
     print(report.to_json() if args.json else report.table())
     return 0
+
+
+def _bench_unusable(message: str, as_json: bool) -> int:
+    """Exit code 2: one line on stderr, and with ``--json`` the same JSON object as
+    ``invnet verify`` prints (``{"ok": false, "error": ..., "exit_code": 2}``)."""
+    import json
+
+    print(f"invnet bench: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": 2}))
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

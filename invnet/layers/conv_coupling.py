@@ -12,7 +12,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Shape, check_precision
-from invnet.layers.coupling import _ACTIVATIONS
+from invnet.layers.coupling import _ACTIVATIONS, dense_min_values
 
 __all__ = ["ConvAffineCoupling", "ConvAdditiveCoupling", "ConvNet"]
 
@@ -136,6 +136,14 @@ class _ConvCoupling(Bijector):
 
     def event_pattern(self) -> Shape:
         return (None, None, self.channels)
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """The ConvNet conditioner's kernels at least (what `invnet.load` checks a file's
+        arrays against before building)."""
+        split = int(config["channels"]) // 2
+        hidden = int(config["hidden"])
+        return dense_min_values([split + int(config.get("cond_dim", 0)), hidden, hidden, 1])
 
     def _config(self) -> dict[str, Any]:
         if self.custom_conditioner:

@@ -68,6 +68,13 @@ class MLP(nnx.Module):
         return self.out(h).astype(dtype)
 
 
+def dense_min_values(widths) -> int:
+    """``sum(w_i * w_{i+1})``: the kernels of a dense stack of these widths hold at least
+    this many values (negative widths count as 0: the constructor refuses them)."""
+    widths = [max(0, int(w)) for w in widths]
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
 def _split_indices(dim: int, mask) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(indices passed through, indices transformed)."""
     if mask is None:
@@ -128,6 +135,15 @@ class _Coupling(Bijector):
                 rngs=rngs,
             )
         self.conditioner = conditioner
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """The MLP conditioner's kernels, ``x_a (+ cond) -> hidden... -> 1`` at least (what
+        `invnet.load` checks a file's arrays against before building)."""
+        dim, mask = int(config["dim"]), config.get("mask")
+        keep = dim // 2 if mask is None else sum(bool(v) for v in mask)
+        hidden = [int(h) for h in config.get("hidden", ())]
+        return dense_min_values([keep + int(config.get("cond_dim", 0)), *hidden, 1])
 
     def _config(self) -> dict[str, Any]:
         if self.custom_conditioner:
