@@ -12,7 +12,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision, wider_float
-from invnet.layers.coupling import _ACTIVATIONS, dense_min_values
+from invnet.layers.coupling import _ACTIVATIONS, check_hidden, dense_min_values
 from invnet.layers.spline import (
     SPLINE_BOUND,
     check_spline_config,
@@ -175,7 +175,7 @@ class MaskedAutoregressive(Bijector):
         if transformer == "spline":
             check_spline_config("MaskedAutoregressive", bins, bound, 1e-3, 1e-3, 1e-3)
         self.dim, self.cond_dim, self.transformer = int(dim), int(cond_dim), transformer
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = check_hidden("MaskedAutoregressive", hidden)
         self.bins, self.bound, self.clamp = int(bins), float(bound), float(clamp)
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)

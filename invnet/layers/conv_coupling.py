@@ -17,6 +17,23 @@ from invnet.layers.coupling import _ACTIVATIONS, dense_min_values
 __all__ = ["ConvAffineCoupling", "ConvAdditiveCoupling", "ConvNet"]
 
 
+def _check_width(name: str, hidden) -> int:
+    """The ConvNet's one width (its three convolutions share it) as an int >= 1."""
+    if isinstance(hidden, bool) or not isinstance(hidden, int | np.integer) or hidden < 1:
+        hint = ""
+        if isinstance(hidden, list | tuple):
+            hint = (
+                " (one number: the conditioner is Glow's 3x3 -> 1x1 -> 3x3 ConvNet, whose "
+                "convolutions all have this many channels; for another network pass "
+                "conditioner=)"
+            )
+        raise ValueError(
+            f"{name}: hidden must be an integer >= 1, the conditioner's channels, e.g. "
+            f"hidden=64; got {hidden!r}{hint}"
+        )
+    return int(hidden)
+
+
 class _Conv(nnx.Module):
     """A 'SAME' 2-D convolution whose parameters are cast to the input's dtype."""
 
@@ -116,7 +133,7 @@ class _ConvCoupling(Bijector):
         self.channels = int(channels)
         self.split = self.channels // 2
         self.cond_dim = int(cond_dim)
-        self.hidden = int(hidden)
+        self.hidden = _check_width(name, hidden)
         self.kernel_size = int(kernel_size)
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)

@@ -49,7 +49,7 @@ class MLP(nnx.Module):
     ):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"MLP: activation must be one of {sorted(_ACTIVATIONS)}")
-        sizes = [in_dim, *hidden]
+        sizes = [in_dim, *check_hidden("MLP", hidden)]
         self.activation = activation
         opts = dict(
             param_dtype=param_dtype, dot_general=_DOT, promote_dtype=_promote_wider, rngs=rngs
@@ -66,6 +66,33 @@ class MLP(nnx.Module):
         for layer in self.hidden_layers:
             h = act(layer(h))  # computes in the wider of the input and parameter dtypes
         return self.out(h).astype(dtype)
+
+
+def check_hidden(name: str, hidden) -> tuple[int, ...]:
+    """``hidden`` as a tuple of layer widths, each an integer >= 1, or a clear error."""
+    if isinstance(hidden, int | np.integer) and not isinstance(hidden, bool):
+        example = (
+            f"hidden=({hidden},) for one hidden layer of {hidden} units"
+            if hidden >= 1
+            else "hidden=(64, 64), or hidden=() for no hidden layer"
+        )
+        raise TypeError(
+            f"{name}: hidden is a list of hidden-layer widths, e.g. {example}; got the "
+            f"number {hidden!r}"
+        )
+    try:
+        widths = tuple(hidden)
+    except TypeError:
+        raise TypeError(
+            f"{name}: hidden must be a list of hidden-layer widths such as (64, 64), got {hidden!r}"
+        ) from None
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, int | np.integer) or w < 1:
+            raise ValueError(
+                f"{name}: every hidden width must be an integer >= 1, got hidden={hidden!r}; "
+                "use hidden=() for no hidden layer"
+            )
+    return tuple(int(w) for w in widths)
 
 
 def dense_min_values(widths) -> int:
@@ -118,7 +145,7 @@ class _Coupling(Bijector):
         self.keep, self.change = _split_indices(self.dim, mask)
         self.contiguous = self.keep == tuple(range(len(self.keep)))
         self.order = tuple(int(i) for i in np.argsort(np.asarray(self.keep + self.change)))
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = check_hidden(type(self).__name__, hidden)
         self.mask = None if mask is None else tuple(bool(v) for v in np.asarray(mask, bool))
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)

@@ -134,7 +134,8 @@ class FactorOut(Bijector):
         batch = self.batch_shape(x)
         z = x[..., : self.latent_channels]
         r, log_det = self.rest.forward(x[..., self.latent_channels :], cond=cond)
-        flat = [z.reshape(*batch, -1), r.reshape(*batch, -1)]
+        # explicit sizes, not -1: an empty batch has no size to infer
+        flat = [a.reshape(*batch, math.prod(a.shape[len(batch) :])) for a in (z, r)]
         return jnp.concatenate(flat, axis=-1), log_det
 
     def _inverse(self, y, cond):
