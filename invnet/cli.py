@@ -38,12 +38,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1024, help="samples per call")
     parser.add_argument(
         "--cond",
-        help="conditional models only: a .npy file of conditions, (N, cond_dim) or "
-        "(cond_dim,), or the size cond_dim to draw standard-normal conditions",
+        help="conditional models only: a .npy file of conditions, (N, cond_dim) (rows cut "
+        "to the batch, or repeated in order when N is smaller) or (cond_dim,), or the size "
+        "cond_dim to draw standard-normal conditions",
     )
     parser.add_argument(
         "--shape",
-        help="event shape, e.g. 64 or 8,8,3 (needed only when the model has no fixed size)",
+        help="event shape, e.g. 64 or 8,8,3 (needed only when the model's events have no "
+        "fixed size; a saved Glow or any Flow with event_shape knows its own)",
     )
     parser.add_argument("--device", choices=("cpu", "gpu"), default=None)
     parser.add_argument("--repeats", type=int, default=7, help="timed samples (median)")
