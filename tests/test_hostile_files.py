@@ -4,14 +4,17 @@ Each file here is re-hashed after tampering, so it passes the integrity check; `
 must refuse it with a ``ValueError`` before allocating what the architecture asks for, and
 the CLI must exit 2 with its one-line error (and the JSON object with ``--json``)."""
 
+import hashlib
 import json
 
+import msgpack
 import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
 
 import invnet
+from invnet import _io_legacy as io_legacy
 from invnet import io
 from invnet.cli import main
 
@@ -58,6 +61,16 @@ def tampered(tmp_path, which):
         return write(path, nested(5000)), "nests JSON too deeply"
     if which == "deep_spec":  # readable JSON, but deeper than invnet builds
         return write(path, nested(io.MAX_DEPTH + 1)), f"more than {io.MAX_DEPTH} deep"
+    if which == "legacy_deep":  # the old msgpack container goes through the same checks
+        spec = {"type": "LeakyReLU", "config": {"negative_slope": 0.5}}
+        for _ in range(io.MAX_DEPTH + 1):
+            spec = {"type": "Inverse", "config": {}, "children": [spec]}
+        body = msgpack.packb(
+            {"format_version": 2, "invnet_version": "test", "architecture": spec,
+             "arrays": {}, "metadata": {}, "extra_arrays": {}}
+        )  # fmt: skip
+        path.write_bytes(io_legacy.MAGIC + hashlib.sha256(body).digest() + body)
+        return path, f"more than {io.MAX_DEPTH} deep"
     if which == "not_a_permutation":
         model = invnet.Sequential(invnet.Permute(4, rngs=nnx.Rngs(0)), invnet.LeakyReLU(0.5))
         arrays = arrays_of(model)
@@ -86,7 +99,7 @@ def tampered(tmp_path, which):
 
 
 KINDS = [
-    "huge_lu", "huge_mlp", "deep_json", "deep_spec", "not_a_permutation", "lu_perm",
+    "huge_lu", "huge_mlp", "deep_json", "deep_spec", "legacy_deep", "not_a_permutation", "lu_perm",
     "zero_sign", "made_mask", "bad_config", "no_children",
 ]  # fmt: skip
 
