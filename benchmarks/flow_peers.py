@@ -13,6 +13,14 @@ hidden layers of ``hidden`` units, a standard normal base.
   ``invert=True``: density by the forward direction, samples by the inverse).
 
 All calls are jitted with the parameters as arguments; times are medians after compilation.
+
+Peer settings: distrax and flowjax run in invnet's process on JAX's own defaults (no
+``XLA_FLAGS``, no thread or precision setting; ``benchmarks/run.py`` only picks the platform
+with ``JAX_PLATFORMS``, for every library alike), jitted as their documentation does
+(``jax.jit`` / ``eqx.filter_jit`` of a function of the parameters). Only the architecture is
+set to match invnet's (flowjax: ``flow_layers``, ``nn_width``, ``nn_depth=2``; its
+defaults otherwise, ``invert=True`` included; distrax has no flow builder: a standard
+``MaskedCoupling`` + ``ScalarAffine`` chain).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ all three libraries compute the same map.
   ``jax.vmap``; inverse: two triangular solves.
 * invnet: ``invnet.compile(layer)`` (one GEMM each way).
 
+Peer settings: JAX's own defaults for every library (no ``XLA_FLAGS``, thread or precision
+setting), each peer's bijector as its documentation builds it, jitted with ``jax.jit``.
+
 Run by ``benchmarks/run.py`` in-process when distrax/flowjax import, or in another
 interpreter (``--peers-python``); alone: ``python benchmarks/peers.py --dims 64 256``
 prints JSON rows.

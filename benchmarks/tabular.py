@@ -18,6 +18,13 @@ Models (same depth and width: 8 blocks, conditioner hidden (64, 64)):
   ``RationalQuadraticSpline(8, 3)`` transformers, ``fit_to_data`` with the same rule
   (when flowjax imports; otherwise skipped with the reason).
 
+Peer settings: flowjax runs on JAX's own defaults (no ``XLA_FLAGS``, thread or precision
+setting) in the same process. Its architecture and training rule are set to invnet's, so
+that the table compares flows, not defaults: ``coupling_flow(flow_layers=8, nn_width=64,
+nn_depth=2)`` (flowjax's defaults: 8, 50, 1) and ``fit_to_data(optimizer=adam(--lr),
+batch_size=50, max_patience=10, val_prop=0.2, return_best=True)`` (flowjax's defaults:
+learning rate 5e-4, batch 100, patience 5, val_prop 0.1).
+
     python benchmarks/tabular.py [--sets wine diabetes digits] [--epochs 300] [--json out.json]
 """
 

@@ -54,7 +54,9 @@ def read(path: Path, blob: bytes, check_version) -> dict[str, Any]:
     try:
         payload = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as err:  # msgpack raises several types
-        raise ValueError(f"invnet.load: {path} payload cannot be decoded: {err}") from None
+        raise ValueError(
+            f"invnet.load: {path} payload cannot be decoded ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(payload, dict):
         raise ValueError(f"invnet.load: {path} payload is not a map")
     fmt = payload.get("format_version")

@@ -11,13 +11,22 @@ For one model and one batch size, times each operation in each way of running it
   ``jax.jit`` of a function that merges and calls the method) and ``compiled``
   (`invnet.compile`, precomputed inverses).
 
-Each time is the median of ``repeats`` samples taken with ``time.perf_counter`` after
-``warmup`` calls; a sample loops the call until it lasts ``min_time`` seconds and ends with
-``jax.block_until_ready``. The first call of each (trace, compile, run) is reported apart as
-``first_call_s``. Inputs are standard normal of shape ``(batch_size, *event_shape)`` in the
-model's dtype (float64 when its parameters are float64 and x64 is on, else float32).
+Fair comparison: every mode is first called (trace, compile, run: reported apart as
+``first_call_s``) and warmed up (``warmup`` calls); then the ``repeats`` timed samples are
+taken **round by round, interleaved**: each round times every op in every mode once, in
+an order rotated from round to round, so a change of load on the machine (other processes,
+CPU clocks) falls on all modes alike instead of on whichever mode ran last. A sample loops
+the call until it lasts ``min_time`` seconds (``time.perf_counter``, ending with
+``jax.block_until_ready``). Each row reports the median and the spread of its samples
+(quartiles, min, max). Per op, ``ranking`` orders the modes by median and joins two
+neighbours with ``<`` only when their interquartile ranges do not overlap, else with ``~``;
+when even the fastest two overlap it says ``not ranked: spread too wide`` (run with more
+``repeats``, a longer ``min_time``, or on a quieter machine). Inputs are standard normal of
+shape ``(batch_size, *event_shape)`` in the model's dtype (float64 when its parameters are
+float64 and x64 is on, else float32).
 
-JSON schema (``BenchReport.to_dict()``, ``invnet bench --json``), version ``invnet.bench/1``:
+JSON schema (``BenchReport.to_dict()``, ``invnet bench --json``), version ``invnet.bench/2``
+(``/1`` lacked the spread keys and ``ranking``; `BenchReport.from_dict` reads both):
 
 .. code-block:: text
 
@@ -32,10 +41,14 @@ JSON schema (``BenchReport.to_dict()``, ``invnet bench --json``), version ``invn
     compile_build_s    float | null: seconds of invnet.compile(model) (null: not compiled)
     peak_memory_bytes  int | null: device's peak bytes in use after the run (null where the
                        backend reports none, e.g. CPUs)
-    results            [{"op": str, "mode": str, "time_s": float, "first_call_s": float,
-                         "samples_per_s": float, "xla_temp_bytes": int | null}, ...]
+    results            [{"op": str, "mode": str, "time_s": float (median),
+                         "first_call_s": float, "samples_per_s": float (at the median),
+                         "xla_temp_bytes": int | null, "q1_s", "q3_s", "min_s", "max_s":
+                         float (quartiles and extremes of the samples)}, ...]
     round_trip         {mode: float}: max|inverse(forward(x)) - x| / max|x|, per mode
     skipped            {mode: str}: modes that could not run, with the reason
+    ranking            {op: str}: e.g. "compiled < jit ~ call < eager", with
+                       "; not ranked: spread too wide" when the fastest two overlap
 
 Example:
     >>> import invnet
@@ -67,11 +80,12 @@ import numpy as np
 from flax import nnx
 
 from invnet._version import __version__
-from invnet.core import Bijector
+from invnet.core import Bijector, unify_shapes
 
 __all__ = ["bench", "BenchReport", "SCHEMA", "MODES", "OPS"]
 
-SCHEMA = "invnet.bench/1"
+SCHEMA = "invnet.bench/2"
+_OLD_SCHEMAS = ("invnet.bench/1",)  # read by BenchReport.from_dict
 MODES = ("eager", "call", "jit", "compiled")
 OPS = ("forward", "inverse", "log_det", "sample")
 
@@ -93,6 +107,7 @@ class BenchReport:
     results: list[dict[str, Any]] = field(default_factory=list)
     round_trip: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    ranking: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
@@ -104,7 +119,7 @@ class BenchReport:
     def from_dict(cls, data: dict[str, Any]) -> BenchReport:
         """Rebuild a report from ``to_dict()`` / ``--json`` output (e.g. to print its table)."""
         data = dict(data)
-        if data.pop("schema", SCHEMA) != SCHEMA:
+        if data.pop("schema", SCHEMA) not in (SCHEMA, *_OLD_SCHEMAS):
             raise ValueError(f"BenchReport.from_dict: expected schema {SCHEMA!r}")
         return cls(**data)
 
@@ -122,16 +137,20 @@ class BenchReport:
             f"{m['type']}: {m['params']:,} parameters, {m['dtype']}, event shape "
             f"{tuple(m['event_shape'])}" + (f", cond_dim {m['cond_dim']}" if m["cond_dim"] else ""),
             f"batch {self.batch_size} on {self.device['platform']} ({self.device['kind']}); "
-            f"median of {self.repeats}, peak device memory "
-            + ("n/a" if mem is None else f"{mem / 2**20:.1f} MiB"),
+            f"median of {self.repeats} samples, modes interleaved round by round; peak device "
+            "memory " + ("n/a" if mem is None else f"{mem / 2**20:.1f} MiB"),
             "",
-            f"{'op':<8} {'mode':<9} {'time':>11} {'samples/s':>11} {'first call':>11}",
+            f"{'op':<8} {'mode':<9} {'time':>11} {'IQR':>21} {'samples/s':>11} {'first call':>11}",
         ]
         for r in self.results:
+            iqr = "" if "q1_s" not in r else f"{_fmt_s(r['q1_s'])} - {_fmt_s(r['q3_s'])}"
             lines.append(
-                f"{r['op']:<8} {r['mode']:<9} {_fmt_s(r['time_s']):>11} "
+                f"{r['op']:<8} {r['mode']:<9} {_fmt_s(r['time_s']):>11} {iqr:>21} "
                 f"{r['samples_per_s']:>11.3g} {_fmt_s(r['first_call_s']):>11}"
             )
+        if self.ranking:
+            lines += ["", "ranking by median ('<': interquartile ranges apart, '~': they overlap)"]
+            lines += [f"{op:<8} {order}" for op, order in self.ranking.items()]
         lines.append("")
         trip = ", ".join(f"{k} {v:.1e}" for k, v in self.round_trip.items())
         lines.append(f"round trip (max|x' - x| / max|x|): {trip}")
@@ -151,8 +170,9 @@ def _fmt_s(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------- timing
-def _timed(fn: Callable[[], Any], *, repeats: int, warmup: int, min_time: float):
-    """``(first_call_s, median_s)`` of ``fn()``: its first call, then the median sample."""
+def _first_call(fn: Callable[[], Any], warmup: int, min_time: float) -> tuple[float, int]:
+    """``(first_call_s, inner)``: the first call (trace, compile, run), then ``warmup``
+    calls, then how many calls one sample loops to last ``min_time`` seconds."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - t0
@@ -160,15 +180,61 @@ def _timed(fn: Callable[[], Any], *, repeats: int, warmup: int, min_time: float)
         jax.block_until_ready(fn())
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
-    inner = max(1, int(min_time / max(time.perf_counter() - t0, 1e-9)))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return first, statistics.median(samples)
+    return first, max(1, int(min_time / max(time.perf_counter() - t0, 1e-9)))
+
+
+def _sample(fn: Callable[[], Any], inner: int) -> float:
+    """Seconds per call over ``inner`` calls, ended by ``jax.block_until_ready``."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / inner
+
+
+def _interleaved(timed: dict[tuple[str, str], tuple], modes, repeats: int) -> dict:
+    """``repeats`` samples of every ``(op, mode)`` in ``timed`` (``{key: (fn, inner)}``),
+    round by round: each round visits every op and, per op, every mode once, starting one
+    mode later than the round before, so load drift is shared by all modes."""
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in timed}
+    for r in range(repeats):
+        order = [modes[(i + r) % len(modes)] for i in range(len(modes))]
+        for op in OPS:
+            for mode in order:
+                if (op, mode) in timed:
+                    fn, inner = timed[op, mode]
+                    samples[op, mode].append(_sample(fn, inner))
+    return samples
+
+
+def _row(op: str, mode: str, first: float, samples: list[float], n: int) -> dict[str, Any]:
+    median = statistics.median(samples)
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
+    return {
+        "op": op,
+        "mode": mode,
+        "time_s": median,
+        "first_call_s": first,
+        "samples_per_s": n / median if median > 0 else math.inf,
+        "xla_temp_bytes": None,
+        "q1_s": max(min(q1, median), min(samples)),  # quantiles may step outside: clip
+        "q3_s": min(max(q3, median), max(samples)),
+        "min_s": min(samples),
+        "max_s": max(samples),
+    }
+
+
+def _ranking(rows: list[dict[str, Any]]) -> str:
+    """One op's modes by median: ``a < b`` when ``a``'s third quartile is below ``b``'s
+    first (their interquartile ranges are apart), ``a ~ b`` when the ranges overlap; with
+    ``"; not ranked: spread too wide"`` when the two fastest overlap."""
+    rows = sorted(rows, key=lambda r: r["time_s"])
+    text = rows[0]["mode"]
+    for a, b in zip(rows[:-1], rows[1:], strict=True):
+        text += f" {'<' if a['q3_s'] < b['q1_s'] else '~'} {b['mode']}"
+    if len(rows) > 1 and not rows[0]["q3_s"] < rows[1]["q1_s"]:
+        text += "; not ranked: spread too wide"
+    return text
 
 
 def _temp_bytes(jitted, *args) -> int | None:
@@ -266,9 +332,11 @@ def bench(
     """Time ``model``'s forward, inverse, log-det (and sampling, for a `Flow`) in each mode.
 
     ``batch_size``: samples per call. ``cond``: for a conditional model (``cond_dim > 0``,
-    then required), an array ``(cond_dim,)`` or ``(batch_size, cond_dim)``, or an int
+    then required), an array ``(cond_dim,)`` or ``(N, cond_dim)`` (rows cut to the batch,
+    or repeated in order when ``N < batch_size``), or an int
     ``cond_dim`` to draw standard-normal conditions; refused for an unconditional model.
-    ``shape``: the event shape, needed only when the model has no fixed ``dim``.
+    ``shape``: the event shape, needed only when the model's events have no fixed size
+    (e.g. elementwise layers alone); a `Flow` with ``event_shape`` (a Glow) knows its own.
     ``device``: ``"cpu"``, ``"gpu"``, a `jax.Device`, or None (jax's default).
     ``modes``: a subset of `MODES`. See the module docstring for what is measured.
     """
@@ -300,51 +368,62 @@ def bench(
         graphdef, state = nnx.split(model)
         run_forward = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).forward(x, cond=c)[0])
         y = jax.block_until_ready(run_forward(state, x, cond))  # the inverses' input
-        for mode in modes:
-            try:
-                _run_mode(report, mode, model, x, y, cond, ks)
-            except Exception as err:  # noqa: BLE001 - reported, not hidden
-                report.skipped[mode] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        _measure(report, modes, model, x, y, cond, ks)
         report.peak_memory_bytes = _peak_memory(dev)
     return report
 
 
-def _run_mode(report: BenchReport, mode, model, x, y, cond, key) -> None:
-    n, timing = x.shape[0], {"repeats": report.repeats, "warmup": report.warmup}
-    timing["min_time"] = report.min_time
+def _measure(report: BenchReport, modes, model, x, y, cond, key) -> None:
+    """Prepare each mode (first call and warmup of every op), then time them interleaved;
+    fills ``report.results`` (op by op), ``round_trip``, ``skipped`` and ``ranking``."""
+    n, prepared = x.shape[0], {}
+    for mode in modes:
+        try:
+            calls, jitted = _mode_calls(report, mode, model, x, y, cond, key)
+            first = {op: _first_call(f, report.warmup, report.min_time) for op, f in calls.items()}
+            prepared[mode] = (calls, first, jitted)
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            report.skipped[mode] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    timed = {
+        (op, mode): (calls[op], first[op][1])
+        for mode, (calls, first, _) in prepared.items()
+        for op in calls
+    }
+    samples = _interleaved(timed, tuple(prepared), report.repeats)
+    for op in OPS:
+        rows = [
+            _row(op, mode, prepared[mode][1][op][0], samples[op, mode], n)
+            for mode in prepared
+            if (op, mode) in samples
+        ]
+        report.results += rows
+        if rows:
+            report.ranking[op] = _ranking(rows)
+    for mode, (calls, _, _) in prepared.items():
+        report.round_trip[mode] = _rel_err(calls["inverse"]()[0], x)
+    if "jit" in prepared:  # after the timing, so that the first calls compiled from scratch
+        jitted = prepared["jit"][2]
+        for row in report.results:
+            if row["mode"] == "jit":
+                row["xla_temp_bytes"] = _temp_bytes(jitted[row["op"]][0], *jitted[row["op"]][1])
+
+
+def _mode_calls(report: BenchReport, mode, model, x, y, cond, key):
+    """``({op: call}, jitted)`` of one mode: each call runs the op once (the inverses on
+    ``y = forward(x)``); ``jitted`` maps ops to ``(jax.jit function, args)`` in ``jit`` mode."""
+    n = x.shape[0]
     if mode == "jit":
         fns = _jit_calls(model, x, cond, key, n)
         fns["inverse"] = (fns["inverse"][0], (fns["inverse"][1][0], y, cond))
-        calls = {op: (lambda f=f, a=a: f(*a)) for op, (f, a) in fns.items()}
-        inverse = calls["inverse"]
-    elif mode == "compiled":
+        return {op: (lambda f=f, a=a: f(*a)) for op, (f, a) in fns.items()}, fns
+    if mode == "compiled":
         calls, fast, report.compile_build_s = _compiled_calls(model, x, cond, key, n)
         calls["inverse"] = lambda: fast.inverse(y, cond=cond)
-        inverse = calls["inverse"]
-    else:
-        make = _eager_calls if mode == "eager" else _call_calls
-        calls = make(model, x, cond, key, n)
-        calls["inverse"] = make(model, y, cond, key, n)["inverse"]
-        inverse = calls["inverse"]
-    for op in OPS:
-        if op not in calls:
-            continue
-        first, median = _timed(calls[op], **timing)
-        report.results.append(
-            {
-                "op": op,
-                "mode": mode,
-                "time_s": median,
-                "first_call_s": first,
-                "samples_per_s": n / median if median > 0 else math.inf,
-                "xla_temp_bytes": None,
-            }
-        )
-    report.round_trip[mode] = _rel_err(inverse()[0], x)
-    if mode == "jit":  # after the timing, so that the first calls compiled from scratch
-        for row in report.results[-len(calls) :]:
-            jitted, args = fns[row["op"]]
-            row["xla_temp_bytes"] = _temp_bytes(jitted, *args)
+        return calls, None
+    make = _eager_calls if mode == "eager" else _call_calls
+    calls = make(model, x, cond, key, n)
+    calls["inverse"] = make(model, y, cond, key, n)["inverse"]
+    return calls, None
 
 
 # ------------------------------------------------------------------------ helpers
@@ -365,19 +444,34 @@ def _device(device) -> jax.Device:
 
 
 def _event_shape(model: Bijector, shape) -> tuple[int, ...]:
+    """The event to time: ``shape`` if given (checked against the model's event pattern),
+    else the pattern itself when every size in it is fixed (a `Flow` built with
+    ``event_shape``, e.g. a saved Glow, an LU layer's ``(dim,)``)."""
+    pattern = tuple(model.event_pattern())
     if shape is not None:
         shape = tuple(int(s) for s in shape)
         if not shape or min(shape) < 1:
             raise ValueError(f"bench: shape must be positive sizes, got {shape}")
-        if model.dim is not None and shape[-1] != model.dim:
-            raise ValueError(f"bench: shape {shape} does not end in the model's dim {model.dim}")
+        tail = shape[len(shape) - len(pattern) :] if pattern else ()
+        if len(shape) < len(pattern) or unify_shapes(tail, pattern) is None:
+            raise ValueError(
+                f"bench: shape {shape} does not end in the model's event shape "
+                f"{_pattern_text(pattern)}"
+            )
         return shape
-    if model.dim is None:
+    if any(s is None for s in pattern) or not pattern:
+        example = ",".join("8" if s is None else str(s) for s in pattern) or "64"
         raise ValueError(
-            "bench: the model has no fixed input size (elementwise layers only); give the "
-            "event shape: shape=(D,) in Python, --shape D on the command line"
+            f"bench: the model has no fixed input size (its events are "
+            f"{_pattern_text(pattern)}, None = any size); give the event shape: "
+            f"shape=({example.replace(',', ', ')},) in Python, --shape {example} on the "
+            "command line"
         )
-    return (model.dim,)
+    return pattern
+
+
+def _pattern_text(pattern) -> str:
+    return "(" + ", ".join("any" if s is None else str(s) for s in pattern) + ")"
 
 
 def _model_dtype(model: Bijector):
@@ -408,11 +502,13 @@ def _condition(model: Bijector, cond, n: int, dtype, key):
     cond = jnp.asarray(cond, dtype)
     if cond.shape == (model.cond_dim,) or cond.shape == (n, model.cond_dim):
         return cond
-    if cond.ndim == 2 and cond.shape[1] == model.cond_dim and cond.shape[0] > n:
-        return cond[:n]
+    if cond.ndim == 2 and cond.shape[1] == model.cond_dim and len(cond) > 0:
+        # more rows than the batch: the first n; fewer: repeated in order up to n
+        return cond[:n] if len(cond) >= n else jnp.resize(cond, (n, model.cond_dim))
     raise ValueError(
-        f"bench: cond has shape {cond.shape}; expected ({n}, {model.cond_dim}) or "
-        f"({model.cond_dim},)"
+        f"bench: cond has shape {cond.shape}; expected rows of the model's cond_dim "
+        f"{model.cond_dim}: (N, {model.cond_dim}) with N >= 1 (repeated or cut to the batch "
+        f"of {n}) or ({model.cond_dim},)"
     )
 
 

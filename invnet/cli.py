@@ -2,8 +2,9 @@
 ``invnet bench PATH`` (how fast is a saved model, see `invnet.bench`).
 
 ``invnet bench`` exit codes: 0 measured (modes that could not run are listed under
-"skipped"), 2 unusable input (missing or corrupt model file, bad ``--cond``/``--shape``,
-no such device); the reason is one line on stderr.
+"skipped"), 2 unusable input (missing, corrupt or refused model file, bad
+``--cond``/``--shape``, no such device); the reason is one line on stderr, and with
+``--json`` also ``{"ok": false, "error": ..., "exit_code": 2}`` on stdout.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1024, help="samples per call")
     parser.add_argument(
         "--cond",
-        help="conditional models only: a .npy file of conditions, (N, cond_dim) or "
-        "(cond_dim,), or the size cond_dim to draw standard-normal conditions",
+        help="conditional models only: a .npy file of conditions, (N, cond_dim) (rows cut "
+        "to the batch, or repeated in order when N is smaller) or (cond_dim,), or the size "
+        "cond_dim to draw standard-normal conditions",
     )
     parser.add_argument(
         "--shape",
-        help="event shape, e.g. 64 or 8,8,3 (needed only when the model has no fixed size)",
+        help="event shape, e.g. 64 or 8,8,3 (needed only when the model's events have no "
+        "fixed size; a saved Glow or any Flow with event_shape knows its own)",
     )
     parser.add_argument("--device", choices=("cpu", "gpu"), default=None)
     parser.add_argument("--repeats", type=int, default=7, help="timed samples (median)")
@@ -104,13 +107,22 @@ def run_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except _Unusable as err:
-        print(f"invnet bench: error: {err}", file=sys.stderr)
-        return 2
+        return _bench_unusable(str(err), args.json)
     except (TypeError, ValueError) as err:
-        print(f"invnet bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return _bench_unusable(str(err).splitlines()[0], args.json)
     print(report.to_json() if args.json else report.table())
     return 0
+
+
+def _bench_unusable(message: str, as_json: bool) -> int:
+    """Exit code 2: one line on stderr, and with ``--json`` the same JSON object as
+    ``invnet verify`` prints (``{"ok": false, "error": ..., "exit_code": 2}``)."""
+    import json
+
+    print(f"invnet bench: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": 2}))
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

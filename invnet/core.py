@@ -83,7 +83,7 @@ class Buffer(nnx.Variable):
     """
 
 
-_LAYER_TYPES: dict[str, type[Bijector]] = {}
+LAYER_TYPES: dict[str, type[Bijector]] = {}
 
 
 @contextlib.contextmanager
@@ -144,7 +144,7 @@ class Bijector(nnx.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__name__.startswith("_"):
-            _LAYER_TYPES[cls.__name__] = cls
+            LAYER_TYPES[cls.__name__] = cls
 
     # ----------------------------------------------------------------- public contract
     @_runtime.compiled
@@ -435,9 +435,9 @@ def from_spec(spec: dict[str, Any], *, rngs: nnx.Rngs | None = None) -> Bijector
     """Rebuild a model (with fresh parameters) from ``Bijector.to_spec()`` output."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     kind = spec.get("type")
-    cls = _LAYER_TYPES.get(kind)
+    cls = LAYER_TYPES.get(kind)
     if cls is None:
-        raise ValueError(f"unknown layer type {kind!r}; known: {sorted(_LAYER_TYPES)}")
+        raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
     config = dict(spec.get("config", {}))
     children = [from_spec(c, rngs=rngs) for c in spec.get("children", [])]
     layer = cls.from_config(config, children, rngs=rngs)

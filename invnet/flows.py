@@ -153,7 +153,8 @@ class Flow(Delegate):
 
     def _base_log_prob(self, z):
         k = len(self.bijector.output_pattern())
-        return self.base.log_prob(z.reshape(*z.shape[: z.ndim - k], -1))
+        size = math.prod(z.shape[z.ndim - k :])  # not -1: an empty batch has no size to infer
+        return self.base.log_prob(z.reshape(*z.shape[: z.ndim - k], size))
 
     def _draw(self, key, n, temperature, dtype):
         key = _as_key(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from flax import nnx
 
 from invnet.containers import Sequential
@@ -62,10 +63,11 @@ def glow(
         (64,)
     """
     shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 3 or levels < 1 or steps < 1:
-        raise ValueError(
-            f"glow: need image_shape (H, W, C), levels >= 1, steps >= 1, got "
-            f"{image_shape}, {levels}, {steps}"
-        )
+    for name, value in (("levels", levels), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"glow: {name} must be an integer >= 1, got {value!r}")
+    if len(shape) != 3:
+        raise ValueError(f"glow: need image_shape (H, W, C), got {image_shape}")
+    levels, steps = int(levels), int(steps)
     model = _level(shape, levels, steps, hidden, cond_dim, rngs)
     return Flow(model, event_shape=shape)

@@ -18,8 +18,13 @@ numpy, torch and the Hugging Face tools can read the arrays, and loading never r
                                     tensor's name, dtype, shape and bytes
 
 Loading checks the container, the checksum, the format version, the layer types (only
-invnet's registered classes are built) and every array's name, dtype and shape against the
-rebuilt model; any mismatch is a ``ValueError`` that says what is wrong. Stored dtypes:
+invnet's registered classes are built), then, before anything is built, the architecture's
+nesting depth (at most `MAX_DEPTH` containers deep) and its size (each layer's
+``min_stored_values(config)``, a lower bound on the values its variables hold, summed, must
+not exceed what the file stores: a few hundred bytes cannot ask for gigabytes); after the
+build, every array's name, dtype and shape against the rebuilt model, and each layer's fixed
+buffers (its ``check_buffers()``: permutations are permutations, signs are +-1, masks are
+the ones its config makes); any failure is a ``ValueError`` that says what is wrong. Stored dtypes:
 float16, bfloat16, float32, float64, int32, int64, uint32, bool (others are refused when
 saving). Files of format versions 1 and 2 (invnet's earlier msgpack container) still load.
 
@@ -49,14 +54,16 @@ from flax import nnx
 
 from invnet import _io_legacy as io_legacy
 from invnet._version import __version__
-from invnet.core import Bijector, from_spec
+from invnet.core import LAYER_TYPES, Bijector, from_spec
+from invnet.walk import nodes
 
 __all__ = [
     "save", "load", "read_file", "ModelFile", "read_metadata", "read_extra_arrays",
-    "FORMAT_VERSION", "PARTIAL_SUFFIX",
+    "FORMAT_VERSION", "PARTIAL_SUFFIX", "MAX_DEPTH",
 ]  # fmt: skip
 
 FORMAT_VERSION = 3
+MAX_DEPTH = 100  # nesting of containers in a file's architecture (a Glow of 6 levels: ~10)
 _READABLE_VERSIONS = (1, 2, 3)  # 1, 2: the msgpack container (invnet.io_legacy)
 _MODEL, _EXTRA = "model/", "extra/"
 # numpy dtype name -> safetensors tag, for the dtypes a model file may hold
@@ -230,9 +237,18 @@ class ModelFile:
     extra_arrays: dict[str, np.ndarray]
 
     def build(self) -> Bijector:
-        """The model: built from the architecture (only invnet's own layer types), then
-        every variable checked (name, shape, dtype) and set from the file."""
-        model = from_spec(self.architecture)
+        """The model: the architecture's depth and size checked against the stored arrays,
+        built (only invnet's own layer types), every variable checked (name, shape, dtype)
+        and set from the file, then each layer's buffers validated."""
+        _check_architecture(self.path, self.architecture, self.arrays)
+        try:
+            model = from_spec(self.architecture)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(
+                f"invnet.load: {self.path}: its architecture cannot be built "
+                f"({type(err).__name__}: {what})"
+            ) from None
         expected = _flat_pure(model)
         missing = sorted(set(expected) - set(self.arrays))
         extra = sorted(set(self.arrays) - set(expected))
@@ -261,7 +277,71 @@ class ModelFile:
 
         nnx.replace_by_pure_dict(state, fill("", nnx.to_pure_dict(state)))
         nnx.update(model, state)
+        _check_buffers(self.path, model)
         return model
+
+
+def _layer_specs(path: Path, architecture: dict) -> list[dict]:
+    """Every layer spec of ``architecture``, walked without recursion; refuses nesting
+    deeper than `MAX_DEPTH` and specs that are not ``{"type": ..., ...}`` maps."""
+    out, todo = [], [(architecture, 1)]
+    while todo:
+        spec, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(
+                f"invnet.load: {path}: the architecture nests layers more than {MAX_DEPTH} "
+                "deep; invnet does not build such files (damaged or crafted)"
+            )
+        children = spec.get("children", []) if isinstance(spec, dict) else None
+        if not isinstance(children, list) or not isinstance(spec.get("config", {}), dict):
+            raise ValueError(f"invnet.load: {path} has a malformed architecture entry")
+        out.append(spec)
+        todo += [(child, depth + 1) for child in children]
+    return out
+
+
+def _min_values(cls, config: dict) -> int:
+    """``cls.min_stored_values(config)``: 0 for layers without the method, and for a
+    config the layer's constructor will refuse anyway (its error is the clearer one)."""
+    bound = getattr(cls, "min_stored_values", None)
+    if bound is None:
+        return 0
+    try:
+        return max(0, int(bound(config)))
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return 0
+
+
+def _check_architecture(path: Path, architecture: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse, before building anything, an architecture nested too deeply or one whose
+    layers need more values than the file stores (e.g. ``LULinear(dim=30000)`` beside a
+    few bytes of arrays would allocate gigabytes to find the mismatch)."""
+    stored = sum(int(a.size) for a in arrays.values())
+    need, largest = 0, (0, "")
+    for spec in _layer_specs(path, architecture):
+        cls = LAYER_TYPES.get(spec.get("type"))
+        n = 0 if cls is None else _min_values(cls, spec.get("config", {}))
+        need += n
+        largest = max(largest, (n, f"{spec.get('type')}({spec.get('config', {})})"))
+    if need > stored:
+        what = largest[1] if len(largest[1]) < 120 else largest[1][:117] + "..."
+        raise ValueError(
+            f"invnet.load: {path}: the architecture needs at least {need:,} stored values "
+            f"(largest layer: {what}) but the file stores {stored:,}; it is damaged or was "
+            "not written by invnet.save (nothing was built)"
+        )
+
+
+def _check_buffers(path: Path, model: Bijector) -> None:
+    """Each layer's ``check_buffers()`` (fixed arrays a checksum cannot vouch for: a
+    re-hashed file may hold a permutation that is not one, or a zero sign)."""
+    for node in nodes(model):
+        check = getattr(node, "check_buffers", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as err:
+                raise ValueError(f"invnet.load: {path}: {err}") from None
 
 
 def _refuse_version(path, fmt, writer) -> None:
@@ -326,6 +406,11 @@ def read_file(path: str | os.PathLike) -> ModelFile:
         architecture, user = json.loads(meta["architecture"]), json.loads(meta["metadata"])
     except (KeyError, ValueError) as err:
         raise ValueError(f"invnet.load: {path} has a malformed header: {err}") from None
+    except RecursionError:
+        raise ValueError(
+            f"invnet.load: {path}: its header nests JSON too deeply to read (damaged or "
+            "crafted); invnet does not build such files"
+        ) from None
     if (
         fmt != str(FORMAT_VERSION)
         or not isinstance(architecture, dict)

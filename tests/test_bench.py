@@ -15,6 +15,7 @@ from flax import nnx
 from registry import perturb
 
 import invnet
+from invnet import benchmarking
 from invnet.benchmarking import OPS, SCHEMA, BenchReport
 from invnet.cli import main
 
@@ -50,10 +51,17 @@ def check_schema(report: dict, modes, ops) -> None:
     rows = report["results"]
     assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ops for m in modes}
     for r in rows:
-        assert set(r) == {"op", "mode", "time_s", "first_call_s", "samples_per_s", "xla_temp_bytes"}
-        for key in ("time_s", "first_call_s", "samples_per_s"):
+        assert set(r) == {
+            "op", "mode", "time_s", "first_call_s", "samples_per_s", "xla_temp_bytes",
+            "q1_s", "q3_s", "min_s", "max_s",
+        }  # fmt: skip
+        for key in ("time_s", "first_call_s", "samples_per_s", "q1_s", "q3_s", "min_s"):
             assert isinstance(r[key], float) and r[key] > 0 and math.isfinite(r[key]), r
+        assert r["min_s"] <= r["q1_s"] <= r["time_s"] <= r["q3_s"] <= r["max_s"], r
         assert r["xla_temp_bytes"] is None or isinstance(r["xla_temp_bytes"], int)
+    assert set(report["ranking"]) == set(ops)
+    for order in report["ranking"].values():  # every mode once, joined by < or ~
+        assert sorted(re.split(r" [<~] ", order.split(";")[0])) == sorted(modes), order
     assert set(report["round_trip"]) == set(modes)
     assert all(0 <= e < 1e-5 for e in report["round_trip"].values()), report["round_trip"]
     if "compiled" in modes:
@@ -98,6 +106,60 @@ def test_eager_and_call_modes():
     assert report.time("inverse", "eager") > 0 and report.time("sample", "eager") is None
 
 
+def test_saved_glow_needs_no_shape(tmp_path, capsys):
+    """A saved Glow knows its image shape (its Flow's event_shape): no --shape needed."""
+    glow = invnet.glow((4, 4, 1), levels=1, steps=1, hidden=2, rngs=nnx.Rngs(0))
+    path = invnet.save(glow, tmp_path / "glow.invnet")
+    assert main(["bench", str(path), "--json", "--modes", "jit", *FAST]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["event_shape"] == [4, 4, 1] and report["skipped"] == {}
+
+
+def test_elementwise_model_says_how_to_give_the_shape():
+    with pytest.raises(ValueError, match=r"no fixed input size.*--shape 8"):
+        invnet.bench(invnet.LeakyReLU(0.5))
+
+
+def test_cond_file_rows_are_cut_or_repeated(cond_path, tmp_path, capsys):
+    few = tmp_path / "few.npy"
+    np.save(few, np.arange(3 * C, dtype=np.float32).reshape(3, C))
+    assert main(["bench", str(cond_path), "--cond", str(few), "--modes", "jit", *FAST]) == 0
+    capsys.readouterr()
+    model = invnet.load(cond_path)
+    cond = benchmarking._condition(model, np.load(few), 8, np.float32, None)
+    np.testing.assert_array_equal(cond, np.load(few)[[0, 1, 2, 0, 1, 2, 0, 1]])
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, C), np.float32))
+    assert main(["bench", str(cond_path), "--cond", str(empty), *FAST]) == 2
+    assert "N >= 1" in capsys.readouterr().err
+
+
+def test_modes_are_timed_interleaved_round_by_round():
+    """Each round samples every op in every mode once, starting one mode later each round,
+    so a slow stretch of the machine is not charged to one mode."""
+    seen = []
+    timed = {
+        (op, mode): (lambda op=op, mode=mode: seen.append((op, mode)), 1)
+        for op in ("forward", "inverse")
+        for mode in ("jit", "compiled", "call")
+    }
+    samples = benchmarking._interleaved(timed, ("jit", "compiled", "call"), repeats=3)
+    assert all(len(v) == 3 for v in samples.values())
+    modes = [mode for op, mode in seen]
+    assert modes[:6] == ["jit", "compiled", "call"] * 2  # round 1: forward, then inverse
+    assert modes[6:9] == ["compiled", "call", "jit"] and modes[12:15] == ["call", "jit", "compiled"]
+
+
+def test_ranking_only_where_the_spreads_are_apart():
+    def row(mode, q1, median, q3):
+        return {"mode": mode, "time_s": median, "q1_s": q1, "q3_s": q3}
+
+    apart = [row("jit", 2.0, 2.1, 2.2), row("compiled", 1.0, 1.1, 1.2), row("eager", 9, 10, 11)]
+    assert benchmarking._ranking(apart) == "compiled < jit < eager"
+    overlap = [row("jit", 1.0, 1.3, 2.0), row("compiled", 0.9, 1.2, 1.5), row("eager", 9, 10, 11)]
+    assert benchmarking._ranking(overlap) == ("compiled ~ jit < eager; not ranked: spread too wide")
+
+
 @pytest.mark.parametrize(
     ("which", "extra", "message"),
     [
@@ -105,7 +167,7 @@ def test_eager_and_call_modes():
         ("cond", [], "conditional (cond_dim=2)"),
         ("cond", ["--cond", "3"], "cond size 3"),
         ("cond", ["--cond", "missing.npy"], "not found"),
-        ("flow", ["--shape", "5"], "does not end in"),
+        ("flow", ["--shape", "5"], "does not end in the model's event shape (4)"),
         ("flow", ["--device", "gpu"], "no gpu device"),
         ("missing", [], "not found"),
     ],
@@ -129,8 +191,6 @@ def _has_gpu() -> bool:
 
 
 def test_python_api_errors():
-    with pytest.raises(ValueError, match="no fixed input size"):
-        invnet.bench(invnet.LeakyReLU(0.5))
     with pytest.raises(ValueError, match="modes"):
         invnet.bench(invnet.LeakyReLU(0.5), shape=(D,), modes=["fast"])
     with pytest.raises(ValueError, match="batch_size"):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision, wider_float
-from invnet.layers.coupling import _ACTIVATIONS
+from invnet.layers.coupling import _ACTIVATIONS, check_hidden, dense_min_values
 from invnet.layers.spline import (
     SPLINE_BOUND,
     check_spline_config,
@@ -77,17 +77,21 @@ class MADE(nnx.Module):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"MADE: activation must be one of {sorted(_ACTIVATIONS)}")
         self.activation, self.dim, self.n_params = activation, dim, n_params
-        degrees = made_degrees(dim, hidden, cond_dim)
-        layers = [
-            MaskedDense(
-                d_out[None, :] >= d_in[:, None], zero=False, param_dtype=param_dtype, rngs=rngs
-            )  # fmt: skip
-            for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True)
-        ]
-        self.hidden_layers = nnx.List(layers)
-        out_degrees = np.repeat(np.arange(1, dim + 1), n_params)  # feature-major layout
-        mask = out_degrees[None, :] > degrees[-1][:, None]
-        self.out = MaskedDense(mask, zero=True, param_dtype=param_dtype, rngs=rngs)
+        self.cond_dim, self.hidden = int(cond_dim), tuple(int(h) for h in hidden)
+        *masks, out_mask = self.masks()
+        dt = param_dtype
+        self.hidden_layers = nnx.List(
+            [MaskedDense(m, zero=False, param_dtype=dt, rngs=rngs) for m in masks]
+        )
+        self.out = MaskedDense(out_mask, zero=True, param_dtype=dt, rngs=rngs)
+
+    def masks(self) -> list[np.ndarray]:
+        """The 0/1 masks the MADE degrees give, input layer first (the layers hold these)."""
+        degrees = made_degrees(self.dim, self.hidden, self.cond_dim)
+        pairs = zip(degrees[:-1], degrees[1:], strict=True)
+        masks = [d_out[None, :] >= d_in[:, None] for d_in, d_out in pairs]
+        out_degrees = np.repeat(np.arange(1, self.dim + 1), self.n_params)  # feature-major
+        return [*masks, out_degrees[None, :] > degrees[-1][:, None]]
 
     def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         h = x if cond is None else jnp.concatenate([x, cond], axis=-1)
@@ -173,7 +177,7 @@ class MaskedAutoregressive(Bijector):
         if transformer == "spline":
             check_spline_config("MaskedAutoregressive", bins, bound, 1e-3, 1e-3, 1e-3)
         self.dim, self.cond_dim, self.transformer = int(dim), int(cond_dim), transformer
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = check_hidden("MaskedAutoregressive", hidden)
         self.bins, self.bound, self.clamp = int(bins), float(bound), float(clamp)
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)
@@ -188,6 +192,25 @@ class MaskedAutoregressive(Bijector):
             param_dtype=param_dtype,
             rngs=rngs,
         )
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """The MADE kernels ``dim (+ cond) -> hidden... -> dim`` at least (what `invnet.load`
+        checks a file's arrays against before building)."""
+        dim, hidden = int(config["dim"]), [int(h) for h in config.get("hidden", (64, 64))]
+        return dense_min_values([dim + int(config.get("cond_dim", 0)), *hidden, dim])
+
+    def check_buffers(self) -> None:
+        """The MADE masks must be those its degrees give: another mask lets feature ``i``
+        see ``x_i`` or later features, and the inverse and log-det are then wrong.
+        `invnet.load` calls it."""
+        layers = [*self.made.hidden_layers, self.made.out]
+        for i, (layer, expected) in enumerate(zip(layers, self.made.masks(), strict=True)):
+            if not np.array_equal(np.asarray(layer.mask[...]), expected):
+                raise ValueError(
+                    f"MaskedAutoregressive: the mask of MADE layer {i} is not the "
+                    "autoregressive mask of its degrees"
+                )
 
     def get_config(self) -> dict[str, Any]:
         return {

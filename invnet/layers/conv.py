@@ -75,6 +75,11 @@ class Conv1x1(LULinear):
     def channels(self) -> int:
         return self.dim
 
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """At least the ``C x C`` strict lower factor (see `LULinear.min_stored_values`)."""
+        return int(config["channels"]) ** 2
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         return {"channels": config.pop("dim"), **config}

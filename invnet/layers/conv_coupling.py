@@ -12,9 +12,26 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Shape, check_precision
-from invnet.layers.coupling import _ACTIVATIONS
+from invnet.layers.coupling import _ACTIVATIONS, dense_min_values
 
 __all__ = ["ConvAffineCoupling", "ConvAdditiveCoupling", "ConvNet"]
+
+
+def _check_width(name: str, hidden) -> int:
+    """The ConvNet's one width (its three convolutions share it) as an int >= 1."""
+    if isinstance(hidden, bool) or not isinstance(hidden, int | np.integer) or hidden < 1:
+        hint = ""
+        if isinstance(hidden, list | tuple):
+            hint = (
+                " (one number: the conditioner is Glow's 3x3 -> 1x1 -> 3x3 ConvNet, whose "
+                "convolutions all have this many channels; for another network pass "
+                "conditioner=)"
+            )
+        raise ValueError(
+            f"{name}: hidden must be an integer >= 1, the conditioner's channels, e.g. "
+            f"hidden=64; got {hidden!r}{hint}"
+        )
+    return int(hidden)
 
 
 class _Conv(nnx.Module):
@@ -116,7 +133,7 @@ class _ConvCoupling(Bijector):
         self.channels = int(channels)
         self.split = self.channels // 2
         self.cond_dim = int(cond_dim)
-        self.hidden = int(hidden)
+        self.hidden = _check_width(name, hidden)
         self.kernel_size = int(kernel_size)
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)
@@ -136,6 +153,14 @@ class _ConvCoupling(Bijector):
 
     def event_pattern(self) -> Shape:
         return (None, None, self.channels)
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """The ConvNet conditioner's kernels at least (what `invnet.load` checks a file's
+        arrays against before building)."""
+        split = int(config["channels"]) // 2
+        hidden = int(config["hidden"])
+        return dense_min_values([split + int(config.get("cond_dim", 0)), hidden, hidden, 1])
 
     def _config(self) -> dict[str, Any]:
         if self.custom_conditioner:

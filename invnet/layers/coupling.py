@@ -49,7 +49,7 @@ class MLP(nnx.Module):
     ):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"MLP: activation must be one of {sorted(_ACTIVATIONS)}")
-        sizes = [in_dim, *hidden]
+        sizes = [in_dim, *check_hidden("MLP", hidden)]
         self.activation = activation
         opts = dict(
             param_dtype=param_dtype, dot_general=_DOT, promote_dtype=_promote_wider, rngs=rngs
@@ -66,6 +66,40 @@ class MLP(nnx.Module):
         for layer in self.hidden_layers:
             h = act(layer(h))  # computes in the wider of the input and parameter dtypes
         return self.out(h).astype(dtype)
+
+
+def check_hidden(name: str, hidden) -> tuple[int, ...]:
+    """``hidden`` as a tuple of layer widths, each an integer >= 1, or a clear error."""
+    if isinstance(hidden, int | np.integer) and not isinstance(hidden, bool):
+        example = (
+            f"hidden=({hidden},) for one hidden layer of {hidden} units"
+            if hidden >= 1
+            else "hidden=(64, 64), or hidden=() for no hidden layer"
+        )
+        raise TypeError(
+            f"{name}: hidden is a list of hidden-layer widths, e.g. {example}; got the "
+            f"number {hidden!r}"
+        )
+    try:
+        widths = tuple(hidden)
+    except TypeError:
+        raise TypeError(
+            f"{name}: hidden must be a list of hidden-layer widths such as (64, 64), got {hidden!r}"
+        ) from None
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, int | np.integer) or w < 1:
+            raise ValueError(
+                f"{name}: every hidden width must be an integer >= 1, got hidden={hidden!r}; "
+                "use hidden=() for no hidden layer"
+            )
+    return tuple(int(w) for w in widths)
+
+
+def dense_min_values(widths) -> int:
+    """``sum(w_i * w_{i+1})``: the kernels of a dense stack of these widths hold at least
+    this many values (negative widths count as 0: the constructor refuses them)."""
+    widths = [max(0, int(w)) for w in widths]
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
 
 
 def _split_indices(dim: int, mask) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -111,7 +145,7 @@ class _Coupling(Bijector):
         self.keep, self.change = _split_indices(self.dim, mask)
         self.contiguous = self.keep == tuple(range(len(self.keep)))
         self.order = tuple(int(i) for i in np.argsort(np.asarray(self.keep + self.change)))
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = check_hidden(type(self).__name__, hidden)
         self.mask = None if mask is None else tuple(bool(v) for v in np.asarray(mask, bool))
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)
@@ -128,6 +162,15 @@ class _Coupling(Bijector):
                 rngs=rngs,
             )
         self.conditioner = conditioner
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """The MLP conditioner's kernels, ``x_a (+ cond) -> hidden... -> 1`` at least (what
+        `invnet.load` checks a file's arrays against before building)."""
+        dim, mask = int(config["dim"]), config.get("mask")
+        keep = dim // 2 if mask is None else sum(bool(v) for v in mask)
+        hidden = [int(h) for h in config.get("hidden", ())]
+        return dense_min_values([keep + int(config.get("cond_dim", 0)), *hidden, 1])
 
     def _config(self) -> dict[str, Any]:
         if self.custom_conditioner:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision
+from invnet.layers.permute import check_permutation
 
 __all__ = ["LULinear"]
 
@@ -279,6 +280,24 @@ class LULinear(Bijector):
         )
         layer._store_lu(perm, lower, upper, b)
         return layer
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """At least the ``D x D`` strict lower factor: what `invnet.load` checks a file's
+        arrays against before building (see `invnet.io`)."""
+        return int(config["dim"]) ** 2
+
+    def check_buffers(self) -> None:
+        """Refuse fixed arrays a trained layer cannot hold: ``perm`` a permutation with
+        ``inv_perm`` its inverse, ``sign`` entries +-1 (a 0 would make ``W`` singular while
+        the log-det still reads ``sum(log_scale)``). `invnet.load` calls it."""
+        check_permutation(type(self).__name__, self.perm[...], self.inv_perm[...], self.dim)
+        sign = np.asarray(self.sign[...])
+        if sign.shape != (self.dim,) or not np.all(np.abs(sign) == 1.0):
+            raise ValueError(
+                f"{type(self).__name__}: sign must hold only +1 and -1 (a 0 makes W "
+                f"singular), got {np.unique(sign)[:5].tolist()}"
+            )
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -147,7 +147,9 @@ class FactorOut(Bijector):
         """``(z, rest's output)`` into the flat output vector (row-major, z first)."""
         z, r = parts
         batch = z.shape[: z.ndim - 3]
-        return jnp.concatenate([z.reshape(*batch, -1), r.reshape(*batch, -1)], axis=-1)
+        # explicit sizes, not -1: an empty batch has no size to infer
+        flat = [a.reshape(*batch, math.prod(a.shape[len(batch) :])) for a in (z, r)]
+        return jnp.concatenate(flat, axis=-1)
 
     def _unjoin(self, y):
         batch = y.shape[:-1]

@@ -72,6 +72,11 @@ class ActNorm(Bijector):
         self.log_scale = nnx.Param(jnp.zeros((dim,), self.param_dtype))
         self.initialized = Buffer(jnp.asarray(False))
 
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """``bias`` and ``log_scale`` (what `invnet.load` checks before building)."""
+        return 2 * int(config["dim"])
+
     def get_config(self) -> dict[str, Any]:
         return {
             "dim": self.dim,

@@ -75,6 +75,13 @@ class Householder(Bijector):
         shape = (self.reflections, self.dim)
         self.vectors = nnx.Param(jax.random.normal(rngs.params(), shape, self.param_dtype))
 
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """The ``reflections x dim`` vectors (what `invnet.load` checks before building)."""
+        dim = int(config["dim"])
+        count = config.get("reflections")
+        return dim * (dim if count is None else int(count))
+
     def get_config(self) -> dict[str, Any]:
         return {
             "dim": self.dim,

@@ -23,6 +23,16 @@ def take_last(a: jax.Array, index) -> jax.Array:
     return a[..., index]
 
 
+def check_permutation(name: str, perm, inv_perm, dim: int) -> None:
+    """Raise ``ValueError`` unless ``perm`` is a permutation of ``0..dim-1`` and ``inv_perm``
+    its inverse (the fixed buffers of `Permute` and `invnet.LULinear`)."""
+    perm, inv_perm = np.asarray(perm), np.asarray(inv_perm)
+    if perm.shape != (dim,) or not np.array_equal(np.sort(perm), np.arange(dim)):
+        raise ValueError(f"{name}: perm is not a permutation of 0..{dim - 1}")
+    if inv_perm.shape != (dim,) or not np.array_equal(perm[inv_perm], np.arange(dim)):
+        raise ValueError(f"{name}: inv_perm is not the inverse of perm")
+
+
 class Permute(Bijector):
     """Fixed permutation of the last axis: ``y = x[..., perm]``.
 
@@ -71,6 +81,19 @@ class Permute(Bijector):
         self.mode = mode
         self.perm = Buffer(jnp.asarray(p, jnp.int32))
         self.inv_perm = Buffer(jnp.asarray(np.argsort(p), jnp.int32))
+
+    @classmethod
+    def min_stored_values(cls, config: dict[str, Any]) -> int:
+        """``perm`` and ``inv_perm`` (what `invnet.load` checks before building)."""
+        return 2 * int(config["dim"])
+
+    def check_buffers(self) -> None:
+        """``perm`` a permutation of ``0..dim-1`` and ``inv_perm`` its inverse (the reversal
+        for ``mode="reverse"``, which runs as a flip); `invnet.load` calls it."""
+        check_permutation("Permute", self.perm[...], self.inv_perm[...], self.dim)
+        reverse = np.arange(self.dim)[::-1]
+        if self.mode == "reverse" and not np.array_equal(np.asarray(self.perm[...]), reverse):
+            raise ValueError("Permute(mode='reverse'): perm must be the reversal of 0..dim-1")
 
     def get_config(self) -> dict[str, Any]:
         # the permutation itself is restored from the saved Buffer state

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from invnet.bases import Elementwise
 
@@ -107,7 +108,7 @@ class Dequantize(Elementwise):
     def __init__(self, levels: int = 256, *, event_ndim: int | None = None):
         if (
             isinstance(levels, bool)
-            or not isinstance(levels, int | float)
+            or not isinstance(levels, int | float | np.integer | np.floating)
             or not (math.isfinite(levels) and levels >= 2)
         ):
             raise ValueError(
@@ -115,7 +116,7 @@ class Dequantize(Elementwise):
                 f"got {levels!r}"
             )
         self._init_event(event_ndim)
-        self.levels = levels
+        self.levels = int(levels) if float(levels).is_integer() else float(levels)
 
     def get_config(self) -> dict[str, Any]:
         return {"levels": self.levels, **self._event_config()}

@@ -95,7 +95,8 @@ class Squeeze(_SpaceToDepth):
 
     def _forward(self, x, cond):
         y = self._blocks(x)
-        return y.reshape(*y.shape[:-2], -1), self._zero_log_det(x)
+        # explicit sizes, not -1: an empty batch has no size to infer
+        return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1]), self._zero_log_det(x)
 
     def _inverse(self, y, cond):
         c = y.shape[-1] // (self.factor * self.factor)
@@ -145,7 +146,8 @@ class HaarDownsample(_SpaceToDepth):
 
     def _forward(self, x, cond):
         y = self._mix(self._blocks(x))
-        return y.reshape(*y.shape[:-2], -1), self._zero_log_det(x)
+        # explicit sizes, not -1: an empty batch has no size to infer
+        return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1]), self._zero_log_det(x)
 
     def _inverse(self, y, cond):
         blocks = self._mix(y.reshape(*y.shape[:-1], 4, y.shape[-1] // 4))
