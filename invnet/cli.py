@@ -67,11 +67,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _bench_inputs(args):
-    import invnet
+    from invnet.io import load
     from invnet.verify_cli import _load_array, _Unusable
 
     try:
-        model = invnet.load(args.path)
+        model = load(args.path)
     except FileNotFoundError:
         raise _Unusable(f"model file not found: {args.path}") from None
     except (OSError, ValueError) as err:

@@ -35,15 +35,17 @@ def build_flow(dim: int = 2, *, blocks: int = 6, hidden: int = 64, seed: int = 0
     """A RealNVP-style flow: affine couplings with reversals in between."""
     from flax import nnx
 
-    import invnet
+    from invnet.containers import Sequential
+    from invnet.flows import Flow
+    from invnet.layers import AffineCoupling, Permute
 
     rngs = nnx.Rngs(seed)
     layers = []
     for i in range(blocks):
         if i:
-            layers.append(invnet.Permute(dim, mode="reverse"))
-        layers.append(invnet.AffineCoupling(dim, hidden=(hidden, hidden), rngs=rngs))
-    return invnet.Flow(invnet.Sequential(*layers))
+            layers.append(Permute(dim, mode="reverse"))
+        layers.append(AffineCoupling(dim, hidden=(hidden, hidden), rngs=rngs))
+    return Flow(Sequential(*layers))
 
 
 def plot_flow(flow, x, samples, path, *, title: str = "") -> Path:
@@ -94,7 +96,7 @@ def _train(args: argparse.Namespace):
     import jax
     import optax
 
-    import invnet
+    from invnet.train import fit
 
     epochs = 5 if args.quick else args.epochs
     n_train = 512 if args.quick else 2000
@@ -108,7 +110,7 @@ def _train(args: argparse.Namespace):
         f"({n_train} points), maximum likelihood, float32, device={jax.devices()[0].platform}"
     )
     steps = epochs * (n_train // 128)
-    history = invnet.fit(
+    history = fit(
         flow,
         x_train,
         val_data={"x": x_val},
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    import invnet
+    from invnet.verification import verify
 
     missing = _missing_extras()
     if missing:
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     x = jnp.asarray(x_train)
     err, rel, ld_err = _round_trip(flow, x)
     # verify: both round trips, per layer, log-det vs autodiff Jacobian, float64 drift
-    report = invnet.verify(flow, x[:256])
+    report = verify(flow, x[:256])
     print()
     print(report.table())
     ok = bool(report.ok and np.isfinite(rel))

@@ -109,10 +109,10 @@ def _model_float_type(model):
 
 
 def _load_model(path: str):
-    import invnet
+    from invnet.io import load
 
     try:
-        return invnet.load(path)
+        return load(path)
     except FileNotFoundError:
         raise _Unusable(f"model file not found: {path}") from None
     except (OSError, ValueError) as err:
