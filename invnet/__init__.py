@@ -44,6 +44,7 @@ from invnet.layers import (
     SplineCoupling,
     Squeeze,
     Tanh,
+    TransformerAutoregressive,
     data_init,
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
@@ -123,4 +124,5 @@ __all__ = [
     "dequantize",
     "bits_per_dim",
     "glow",
+    "TransformerAutoregressive",
 ]
