@@ -51,6 +51,7 @@ from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd
 from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
+from invnet.tarflow import NoisyMaximumLikelihood, tarflow, tarflow_denoise
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verification import VerifyReport, verify
 
@@ -125,4 +126,7 @@ __all__ = [
     "bits_per_dim",
     "glow",
     "TransformerAutoregressive",
+    "tarflow",
+    "NoisyMaximumLikelihood",
+    "tarflow_denoise",
 ]

@@ -39,16 +39,28 @@ def layer_bound(layer: Bijector) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------ jitted checks
-def _per_layer(leaves, x, y, cond):
-    """Each leaf round-tripped on the states that reach it, from the input and output side."""
+def _certify(leaf, state, cond):
+    """The `Certificate` of a leaf's iterative inverse (a layer with
+    ``inverse_with_certificate``, e.g. a jacobi `invnet.TransformerAutoregressive`) on the
+    state its inverse meets in the model."""
+    return leaf.layer.inverse_with_certificate(state, cond=cond if leaf.layer.cond_dim else None)[2]
+
+
+def _per_layer(leaves, x, y, cond, certificates):
+    """Each leaf round-tripped on the states that reach it, from the input and output side;
+    ``certificates[k]``: leaf ``k``'s inverse certificate, for leaves that have one."""
     h, fwd_layers = x, []
-    for leaf in leaves:
+    for k, leaf in enumerate(leaves):
+        if leaf.inverted and hasattr(leaf.layer, "inverse_with_certificate"):
+            certificates[k] = _certify(leaf, h, cond)  # its inverse runs in the forward
         h_next, _ = leaf.forward(h, cond)
         h_back, _ = leaf.inverse(h_next, cond)
         fwd_layers.append(errors(h_back, h, h_next) + (inf_norm(h_next),))
         h = h_next
     g, inv_layers = y, []
-    for leaf in reversed(leaves):
+    for k, leaf in reversed(list(enumerate(leaves))):
+        if not leaf.inverted and hasattr(leaf.layer, "inverse_with_certificate"):
+            certificates[k] = _certify(leaf, g, cond)
         g_prev, _ = leaf.inverse(g, cond)
         g_again, _ = leaf.forward(g_prev, cond)
         inv_layers.append(errors(g_again, g, g_prev) + (inf_norm(g_prev),))
@@ -90,7 +102,10 @@ def _make_checks(graphdef, fixed, n_leaves: int):
                 "fwd": errors(x_back, x, y),
                 "inv": errors(y_again, y, x_back),
             }
-            out["fwd_layers"], out["inv_layers"] = _per_layer(leaves, x, y, cond)
+            out["certificates"] = {}
+            out["fwd_layers"], out["inv_layers"] = _per_layer(
+                leaves, x, y, cond, out["certificates"]
+            )
             if jac_idx.shape[0]:
                 conditional = cond is not None
                 cs = cond[jac_idx] if conditional else jnp.zeros((jac_idx.shape[0], 0), x.dtype)
@@ -208,6 +223,10 @@ def verify(
             _layer_check(k, leaf, bound, out, inputs.finite, rule, failures)
             for k, (leaf, bound) in enumerate(zip(leaves, bounds, strict=True))
         ]
+        certificates = {
+            leaves[k].name: _certificate_check(leaves[k], cert, inputs.finite, failures)
+            for k, cert in sorted(out["certificates"].items())
+        }
         log_det = check_log_det(out, jac_idx, mask, inputs.dim, rule.eps, tol_value, SAFETY)
         if not log_det["ok"]:
             failures.append(log_det["message"])
@@ -232,6 +251,7 @@ def verify(
         nonfinite=nonfinite,
         notes=notes,
         failures=failures,
+        certificates=certificates,
     )
 
 
@@ -330,3 +350,33 @@ def _layer_check(k, leaf, bound_rule, out, finite, rule, failures) -> LayerCheck
         nonfinite=n_bad,
         ok=ok,
     )
+
+
+def _certificate_check(leaf, cert, finite, failures) -> dict:
+    """A layer's iterative-inverse certificate over the finite samples; a sample that did not
+    converge fails the check, naming the layer."""
+    sweeps, change, residual, converged = (np.asarray(a) for a in cert)
+    kind = type(leaf.layer).__name__
+    method, cap = leaf.layer.inverse_method, leaf.layer.max_sweeps
+    bad = int(np.sum(finite & ~converged))
+    summary = {
+        "kind": kind,
+        "method": method,
+        "max_sweeps": cap,
+        "tol": leaf.layer.tol,
+        "tokens": leaf.layer.n_tokens(),
+        "samples": int(finite.sum()),
+        "unconverged": bad,
+        "sweeps_max": int(sweeps[finite].max()) if finite.any() else 0,
+        "sweeps_mean": float(sweeps[finite].mean()) if finite.any() else 0.0,
+        "change_max": _nanmax(*change[finite & converged].tolist()) if finite.any() else 0.0,
+        "residual_max": _nanmax(*residual[finite].tolist()) if finite.any() else 0.0,
+    }
+    if bad:
+        failures.append(
+            f"layer {leaf.name} ({kind}): {bad} of {summary['samples']} samples did not "
+            f"converge in its {method} inverse (max_sweeps={cap}, tol={leaf.layer.tol:g}; "
+            "they come back as NaN): raise max_sweeps (None: one sweep per token, always "
+            "exact) or use inverse_method='sequential'"
+        )
+    return summary
