@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [
         ("Glow", np.asarray(flows["glow"].sample(jax.random.key(0), 10))),
         ("TarFlow", np.asarray(tar.sample(jax.random.key(0), 10))),
-        ("denoised", np.asarray(invnet.tarflow_denoise(tar, tar.sample(jax.random.key(0), 10),
-                                                       sigma))),  # fmt: skip
+        (
+            "denoised",
+            np.asarray(invnet.tarflow_denoise(tar, tar.sample(jax.random.key(0), 10), sigma)),
+        ),  # fmt: skip
         ("T=0.7", np.asarray(tar.sample(jax.random.key(2), 10, temperature=0.7))),
     ]
     _picture(rows, results, Path(args.out))

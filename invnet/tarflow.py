@@ -74,10 +74,21 @@ def tarflow(
     shape = tuple(int(s) for s in image_shape)
     layers: list[Bijector] = [
         TransformerAutoregressive(
-            shape, patch=patch, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio,
-            cond_dim=cond_dim, transformer=transformer, clamp=clamp, reverse=bool(i % 2),
-            inverse_method=inverse_method, max_sweeps=max_sweeps, tol=tol,
-            param_dtype=param_dtype, rngs=rngs,
+            shape,
+            patch=patch,
+            depth=depth,
+            width=width,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            cond_dim=cond_dim,
+            transformer=transformer,
+            clamp=clamp,
+            reverse=bool(i % 2),
+            inverse_method=inverse_method,
+            max_sweeps=max_sweeps,
+            tol=tol,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )  # fmt: skip
         for i in range(blocks)
     ]
@@ -108,7 +119,9 @@ class NoisyMaximumLikelihood:
 
     def __post_init__(self):
         if not (self.noise_std >= 0 and math.isfinite(self.noise_std)):
-            raise ValueError(f"NoisyMaximumLikelihood: noise_std must be >= 0, got {self.noise_std}")
+            raise ValueError(
+                f"NoisyMaximumLikelihood: noise_std must be a number >= 0, got {self.noise_std}"
+            )
 
     def __call__(self, model, batch, key=None):
         x = batch["x"]

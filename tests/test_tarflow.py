@@ -90,9 +90,7 @@ def test_too_low_a_cap_is_reported_unconverged_and_nan():
 
 
 def test_verify_fails_naming_the_unconverged_layer():
-    model = invnet.Sequential(
-        _block(), _block(reverse=True, inverse_method="jacobi", max_sweeps=2)
-    )
+    model = invnet.Sequential(_block(), _block(reverse=True, inverse_method="jacobi", max_sweeps=2))
     x, _ = _data(n=16)
     report = invnet.verify(model, x)
     assert not report.ok

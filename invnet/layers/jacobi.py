@@ -42,7 +42,13 @@ import jax.numpy as jnp
 
 from invnet import dispatch
 
-__all__ = ["Certificate", "CertifiedInverse", "jacobi_inverse", "INVERSE_METHODS", "check_inverse_method"]
+__all__ = [
+    "Certificate",
+    "CertifiedInverse",
+    "jacobi_inverse",
+    "INVERSE_METHODS",
+    "check_inverse_method",
+]
 
 INVERSE_METHODS = ("sequential", "jacobi")
 
