@@ -149,6 +149,7 @@ def test_bad_settings_are_refused():
         invnet.TransformerAutoregressive((4,), patch=4, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.extended  # two transformer stacks through custom VJPs: slow to compile
 def test_reversible_backprop_matches_ordinary_backprop():
     model = invnet.Sequential(_block(cond_dim=3), _block(cond_dim=3, reverse=True))
     rev = invnet.reversible(model)
@@ -169,6 +170,7 @@ def test_reversible_backprop_matches_ordinary_backprop():
         assert _max(a - b) <= 1e-9 * max(_max(a), 1e-30)
 
 
+@pytest.mark.extended  # fit, verify, compile: three compilations of the whole flow
 def test_builder_goes_through_fit_verify_compile_save_load():
     flow = invnet.tarflow((4, 4, 1), patch=2, blocks=2, depth=1, width=8, heads=2,
                           rngs=nnx.Rngs(0))  # fmt: skip
