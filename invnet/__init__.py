@@ -46,12 +46,14 @@ from invnet.layers import (
     SplineCoupling,
     Squeeze,
     Tanh,
+    TransformerAutoregressive,
     data_init,
 )
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
 from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
+from invnet.tarflow import NoisyMaximumLikelihood, tarflow, tarflow_denoise
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.verification import VerifyReport, explain_nonfinite, verify
 
@@ -127,4 +129,8 @@ __all__ = [
     "dequantize",
     "bits_per_dim",
     "glow",
+    "TransformerAutoregressive",
+    "tarflow",
+    "NoisyMaximumLikelihood",
+    "tarflow_denoise",
 ]

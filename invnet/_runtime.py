@@ -277,22 +277,28 @@ def _check_finite(model, data, out) -> None:
         )
 
 
-def compiled(fn: Callable | None = None, *, check_finite: bool = False) -> Callable:
+def compiled(
+    fn: Callable | None = None, *, check_finite: bool = False, static: tuple[str, ...] = ()
+) -> Callable:
     """Decorate a method ``fn(model, *args, **kwargs)`` of a model (or a function whose first
     argument is one) so that, called on concrete arrays, it runs as a cached jitted function
     of the model's current variables (see the module docstring); otherwise as written.
 
     ``check_finite`` (for inverses): after a compiled call, warn (`NonFiniteWarning`) when
-    samples of a finite first argument came back non-finite."""
+    samples of a finite first argument came back non-finite. ``static``: keyword arguments
+    that are part of the cache key whatever their type (a float tolerance a loop tests)."""
     if fn is None:
-        return functools.partial(compiled, check_finite=check_finite)
+        return functools.partial(compiled, check_finite=check_finite, static=static)
+
+    def is_dynamic(name, value):
+        return name not in static and _dynamic(value)
 
     @functools.wraps(fn)
     def method(model, *args, **kwargs):
         if _as_written(model, fn, args, kwargs):
             return fn(model, *args, **kwargs)
         static_args = tuple((i, a) for i, a in enumerate(args) if not _dynamic(a))
-        static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if not _dynamic(v)))
+        static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if not is_dynamic(k, v)))
         key = (fn, static_args, static_kwargs)
         try:
             hash(key)
@@ -308,7 +314,7 @@ def compiled(fn: Callable | None = None, *, check_finite: bool = False) -> Calla
                 (snap.structure, key), lambda: _make(snap.structure, fn, *key[1:])
             )
         dyn_args = [a for a in args if _dynamic(a)]
-        dyn_kwargs = {k: v for k, v in kwargs.items() if _dynamic(v)}
+        dyn_kwargs = {k: v for k, v in kwargs.items() if is_dynamic(k, v)}
         out = jitted(leaves, dyn_args, dyn_kwargs)
         if check_finite and isinstance(args[0], jax.Array | np.ndarray):
             _check_finite(model, jax.numpy.asarray(args[0]), out[0])

@@ -20,7 +20,7 @@ from invnet.flows import StandardNormal
 __all__ = ["MaximumLikelihood", "Regression", "InverseProblem", "mmd", "sample_posterior"]
 
 
-def _log_prob(model, x, cond):
+def density(model, x, cond):
     if hasattr(model, "log_prob"):  # a Flow with its own base distribution
         return model.log_prob(x, cond=cond)
     z, log_det = model.forward(x, cond=cond)
@@ -36,7 +36,7 @@ class MaximumLikelihood:
     """
 
     def __call__(self, model, batch, key=None):
-        return -jnp.mean(_log_prob(model, batch["x"], batch.get("cond")))
+        return -jnp.mean(density(model, batch["x"], batch.get("cond")))
 
 
 @dataclass(frozen=True)

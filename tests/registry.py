@@ -316,3 +316,40 @@ CASES += [
         "Dequantize-image", lambda dt, rngs: invnet.Dequantize(16, event_ndim=3), event_shape=IMAGE
     ),
 ]
+
+
+# ------------------------------------------------- transformer autoregressive (issue 21)
+def _tarflow(event_shape, patch, cond_dim=0, **kwargs):
+    return lambda dt, rngs: invnet.TransformerAutoregressive(
+        event_shape, patch=patch, depth=1, width=8, heads=2, mlp_ratio=2, cond_dim=cond_dim,
+        param_dtype=dt, rngs=rngs, **kwargs,
+    )  # fmt: skip
+
+
+CASES += [
+    Case(
+        "TransformerAutoregressive-image", _tarflow((4, 4, 1), 2), event_shape=(4, 4, 1), tol32=1e-4
+    ),  # fmt: skip
+    Case(
+        "TransformerAutoregressive-image-cond-reverse-jacobi",
+        _tarflow((4, 4, 1), 2, COND_DIM, reverse=True, inverse_method="jacobi"),
+        cond_dim=COND_DIM,
+        event_shape=(4, 4, 1),
+        tol32=1e-4,
+    ),  # fmt: skip
+    Case("TransformerAutoregressive-vector", _tarflow((6,), 2), event_shape=(6,), tol32=1e-4),
+    Case(
+        "TransformerAutoregressive-vector-cond-spline",
+        _tarflow((6,), 1, COND_DIM, transformer="spline", bins=3),
+        cond_dim=COND_DIM,
+        event_shape=(6,),
+        tol32=1e-4,
+    ),  # fmt: skip
+    Case(
+        "MaskedAutoregressive-jacobi",
+        lambda dt, rngs: invnet.MaskedAutoregressive(
+            DIM, hidden=(8,), inverse_method="jacobi", param_dtype=dt, rngs=rngs
+        ),
+        tol32=1e-4,
+    ),  # fmt: skip
+]

@@ -14,6 +14,7 @@ from invnet.layers.pixels import Dequantize, Logit
 from invnet.layers.reshape import Reshape
 from invnet.layers.spline import SplineCoupling
 from invnet.layers.squeeze import HaarDownsample, Squeeze
+from invnet.layers.tarflow import TransformerAutoregressive
 
 __all__ = [
     "LULinear",
@@ -39,4 +40,5 @@ __all__ = [
     "FactorOut",
     "Logit",
     "Dequantize",
+    "TransformerAutoregressive",
 ]

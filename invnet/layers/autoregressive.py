@@ -13,15 +13,9 @@ from flax import nnx
 from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision, wider_float
 from invnet.layers.coupling import _ACTIVATIONS, check_hidden, dense_min_values
-from invnet.layers.spline import (
-    SPLINE_BOUND,
-    check_spline_config,
-    conditioner_input,
-    n_spline_params,
-    rq_spline_forward,
-    rq_spline_inverse,
-    rq_spline_params,
-)
+from invnet.layers.jacobi import CertifiedInverse, check_inverse_method
+from invnet.layers.spline import check_spline_config, conditioner_input
+from invnet.layers.transformers import make_transformer
 
 __all__ = ["MaskedAutoregressive", "MADE"]
 
@@ -102,7 +96,7 @@ class MADE(nnx.Module):
         return out.reshape(*out.shape[:-1], self.dim, self.n_params)
 
 
-class MaskedAutoregressive(Bijector):
+class MaskedAutoregressive(CertifiedInverse, Bijector):
     r"""Masked autoregressive flow block (MAF), affine or rational-quadratic spline.
 
     With a MADE conditioner, the parameters ``theta_i`` of feature ``i`` depend only on
@@ -116,10 +110,16 @@ class MaskedAutoregressive(Bijector):
 
     * Log-det: ``sum_i log tau'(x_i)``: the Jacobian is triangular. O(D) after the MADE pass.
     * Forward (x -> y): **one** MADE pass, all features at once.
-    * Inverse (y -> x): **D sequential MADE passes** (a ``jax.lax.fori_loop``): pass ``k``
-      recomputes ``theta`` from the current ``x`` and inverts ``tau``, which makes ``x_1..x_k``
-      exact; after ``D`` passes ``x`` is the exact inverse (to rounding), D times the
-      forward's cost.
+    * Inverse (y -> x), ``inverse_method="sequential"`` (default): **D sequential MADE
+      passes** (a ``jax.lax.fori_loop``): pass ``k`` recomputes ``theta`` from the current
+      ``x`` and inverts ``tau``, which makes ``x_1..x_k`` exact; after ``D`` passes ``x`` is
+      the exact inverse (to rounding), D times the forward's cost.
+    * ``inverse_method="jacobi"``: the same passes, stopped per sample when the estimate
+      stops changing (``tol``, 0: to the bit) or after ``max_sweeps`` (default ``None``: D,
+      always exact); see `invnet.layers.jacobi`. A sample that hits a lower cap unconverged
+      comes back as **NaN** (``invnet.verify`` counts and names it);
+      ``inverse_with_certificate(y)`` returns ``(x, log_det, certificate)`` with the sweeps,
+      last change, residual and converged flag of every sample.
     * IAF: ``invnet.Inverse(MaskedAutoregressive(...))`` is an inverse autoregressive flow:
       its forward costs D passes and its inverse one. In a `Flow` (forward = data -> latent),
       a MAF gives fast densities of data and slow sampling; an IAF the reverse (fast
@@ -159,6 +159,9 @@ class MaskedAutoregressive(Bijector):
         bound: float = 3.0,
         clamp: float = 2.0,
         activation: str = "relu",
+        inverse_method: str = "sequential",
+        max_sweeps: int | None = None,
+        tol: float = 0.0,
         param_dtype: Any = jnp.float32,
         precision: str = "highest",
         rngs: nnx.Rngs,
@@ -182,7 +185,9 @@ class MaskedAutoregressive(Bijector):
         self.activation = activation
         self.param_dtype = jnp.dtype(param_dtype)
         self.precision = check_precision(precision)
-        n_params = 2 if transformer == "affine" else n_spline_params(self.bins)
+        check_inverse_method("MaskedAutoregressive", inverse_method, max_sweeps, tol)
+        self.inverse_method, self.max_sweeps, self.tol = inverse_method, max_sweeps, float(tol)
+        n_params = self.tau.n_params
         self.made = MADE(
             self.dim,
             self.hidden,
@@ -224,18 +229,19 @@ class MaskedAutoregressive(Bijector):
             "activation": self.activation,
             "param_dtype": self.param_dtype.name,
             "precision": self.precision,
+            "inverse_method": self.inverse_method,
+            "max_sweeps": self.max_sweeps,
+            "tol": self.tol,
         }
 
-    def _transform(self, v, theta, inverse: bool):
-        """``tau`` (or its inverse) elementwise: returns (value, per-element log-det)."""
-        if self.transformer == "affine":
-            log_scale = self.clamp * jnp.tanh(theta[..., 0] / self.clamp)
-            shift = theta[..., 1]
-            if inverse:
-                return (v - shift) * jnp.exp(-log_scale), -log_scale
-            return v * jnp.exp(log_scale) + shift, log_scale
-        params = rq_spline_params(theta, bound=self.bound)
-        return (rq_spline_inverse if inverse else rq_spline_forward)(v, params)
+    @property
+    def tau(self):
+        """The elementwise transformer (`invnet.layers.transformers`)."""
+        return make_transformer(self.transformer, clamp=self.clamp, bins=self.bins,
+                                bound=self.bound)  # fmt: skip
+
+    def n_tokens(self) -> int:
+        return self.dim
 
     def _theta(self, x, cond):
         """MADE's output for ``x``; a spline's MADE sees ``x`` clipped to ``[-bound, bound]``
@@ -245,20 +251,20 @@ class MaskedAutoregressive(Bijector):
         return self.made(x, cond)
 
     def _forward(self, x, cond):
-        y, log_det = self._transform(x, self._theta(x, cond), inverse=False)
+        y, log_det = self.tau.forward(x, self._theta(x, cond))
         return y, jnp.sum(log_det, axis=-1)
 
-    def _inverse(self, y, cond):
+    def _sweep(self, x, y, cond):
+        """One Jacobi sweep: ``tau^{-1}(y; theta(x))`` for every feature at once."""
+        return self.tau.inverse(y, self._theta(x, cond))
+
+    def _sequential_inverse(self, y, cond):
         def step(_, carry):
-            x, _ = carry
-            return self._transform(y, self._theta(x, cond), inverse=True)
+            return self._sweep(carry[0], y, cond)
 
         start = (jnp.zeros_like(y), jnp.zeros_like(y))
-        x, log_det = jax.lax.fori_loop(0, self.dim, step, start)
-        return x, jnp.sum(log_det, axis=-1)
+        return jax.lax.fori_loop(0, self.dim, step, start)
 
     def error_bound(self) -> tuple[float, str]:
         """``exp(2 clamp)`` for the affine transformer; ``inf`` (data-dependent) for splines."""
-        if self.transformer == "affine":
-            return float(np.exp(2.0 * self.clamp)), "exp(2*clamp)"
-        return SPLINE_BOUND
+        return self.tau.error_bound()

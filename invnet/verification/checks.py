@@ -40,22 +40,40 @@ def layer_bound(layer: Bijector) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------ jitted checks
-def _per_layer(walk, x, y, cond):
+def _certify(step, part, cond):
+    """The `Certificate` of a leaf's iterative inverse (a layer with
+    ``inverse_with_certificate``, e.g. a jacobi `invnet.TransformerAutoregressive`) on the
+    part of the state its inverse meets in the model."""
+    layer = step.layer
+    return layer.inverse_with_certificate(part, cond=cond if layer.cond_dim else None)[2]
+
+
+def _per_layer(walk, x, y, cond, certificates):
     """Each leaf layer round-tripped on the part of the state that reaches it, from the input
-    and the output side; the moves between parts (`invnet.walk.Move`) only carry the state."""
-    h, fwd_layers = x, []
+    and the output side; the moves between parts (`invnet.walk.Move`) only carry the state.
+    ``certificates[k]``: leaf ``k``'s inverse certificate, for leaves that have one."""
+    index, k = [], 0
     for step in walk:
+        index.append(None if step.move is not None else k)
+        k += step.move is None
+    h, fwd_layers = x, []
+    for step, k in zip(walk, index, strict=True):
         part = step.part(h)
+        certified = k is not None and hasattr(step.layer, "inverse_with_certificate")
+        if certified and step.inverted:  # its inverse runs in the model's forward
+            certificates[k] = _certify(step, part, cond)
         nxt, _ = step.forward(part, cond)
-        if step.move is None:
+        if k is not None:
             back, _ = step.inverse(nxt, cond)
             fwd_layers.append(errors(back, part, nxt) + (inf_norm(nxt),))
         h = step.put(h, nxt)
     g, inv_layers = y, []
-    for step in reversed(walk):
+    for step, k in reversed(list(zip(walk, index, strict=True))):
         part = step.part(g)
+        if k is not None and not step.inverted and hasattr(step.layer, "inverse_with_certificate"):
+            certificates[k] = _certify(step, part, cond)
         prev, _ = step.inverse(part, cond)
-        if step.move is None:
+        if k is not None:
             again, _ = step.forward(prev, cond)
             inv_layers.append(errors(again, part, prev) + (inf_norm(prev),))
         g = step.put(g, prev)
@@ -96,7 +114,8 @@ def _make_checks(graphdef, fixed, n_leaves: int):
                 "fwd": errors(x_back, x, y),
                 "inv": errors(y_again, y, x_back),
             }
-            out["fwd_layers"], out["inv_layers"] = _per_layer(walk, x, y, cond)
+            out["certificates"] = {}
+            out["fwd_layers"], out["inv_layers"] = _per_layer(walk, x, y, cond, out["certificates"])
             if jac_idx.shape[0]:
                 conditional = cond is not None
                 cs = cond[jac_idx] if conditional else jnp.zeros((jac_idx.shape[0], 0), x.dtype)
@@ -216,6 +235,10 @@ def verify(
             _layer_check(k, leaf, bound, out, inputs.finite, rule, failures)
             for k, (leaf, bound) in enumerate(zip(leaves, bounds, strict=True))
         ]
+        certificates = {
+            leaves[k].name: _certificate_check(leaves[k], cert, inputs.finite, failures)
+            for k, cert in sorted(out["certificates"].items())
+        }
         log_det = check_log_det(out, jac_idx, mask, inputs.dim, rule.eps, tol_value, SAFETY)
         if not log_det["ok"]:
             failures.append(log_det["message"])
@@ -240,6 +263,7 @@ def verify(
         nonfinite=nonfinite,
         notes=notes,
         failures=failures,
+        certificates=certificates,
     )
 
 
@@ -338,3 +362,33 @@ def _layer_check(k, leaf, bound_rule, out, finite, rule, failures) -> LayerCheck
         nonfinite=n_bad,
         ok=ok,
     )
+
+
+def _certificate_check(leaf, cert, finite, failures) -> dict:
+    """A layer's iterative-inverse certificate over the finite samples; a sample that did not
+    converge fails the check, naming the layer."""
+    sweeps, change, residual, converged = (np.asarray(a) for a in cert)
+    kind = type(leaf.layer).__name__
+    method, cap = leaf.layer.inverse_method, leaf.layer.max_sweeps
+    bad = int(np.sum(finite & ~converged))
+    summary = {
+        "kind": kind,
+        "method": method,
+        "max_sweeps": cap,
+        "tol": leaf.layer.tol,
+        "tokens": leaf.layer.n_tokens(),
+        "samples": int(finite.sum()),
+        "unconverged": bad,
+        "sweeps_max": int(sweeps[finite].max()) if finite.any() else 0,
+        "sweeps_mean": float(sweeps[finite].mean()) if finite.any() else 0.0,
+        "change_max": nanmax(*change[finite & converged].tolist()) if finite.any() else 0.0,
+        "residual_max": nanmax(*residual[finite].tolist()) if finite.any() else 0.0,
+    }
+    if bad:
+        failures.append(
+            f"layer {leaf.name} ({kind}): {bad} of {summary['samples']} samples did not "
+            f"converge in its {method} inverse (max_sweeps={cap}, tol={leaf.layer.tol:g}; "
+            "they come back as NaN): raise max_sweeps (None: one sweep per token, always "
+            "exact) or use inverse_method='sequential'"
+        )
+    return summary

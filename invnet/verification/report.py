@@ -70,6 +70,8 @@ class VerifyReport:
     nonfinite: dict[str, int]
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # layer name -> the certificate of its iterative (jacobi) inverse, for layers with one
+    certificates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -173,6 +175,13 @@ class VerifyReport:
             f"  non-finite: {nf['inputs']} input samples (skipped), {nf['outputs']} outputs "
             "of finite inputs",
         ]
+        for name, c in self.certificates.items():
+            lines.append(
+                f"  {c['method']} inverse of {name} ({c['kind']}, {c['tokens']} tokens, cap "
+                f"{c['max_sweeps']}): {c['samples'] - c['unconverged']}/{c['samples']} "
+                f"converged, sweeps max {c['sweeps_max']} mean {c['sweeps_mean']:.1f}, last "
+                f"change {_f(c['change_max'])}, residual {_f(c['residual_max'])}"
+            )
         return lines + [f"  note: {n}" for n in self.notes]
 
     def _events(self) -> str:

@@ -1,0 +1,125 @@
+"""Elementwise transformers: the invertible scalar maps ``tau(x; theta)`` that coupling and
+autoregressive layers apply to each element, given parameters ``theta`` from a conditioner.
+
+Each transformer is a small frozen (hashable) description with three pure methods:
+
+    n_params                       raw parameters per element
+    forward(x, raw) -> (y, log tau'(x))        elementwise; raw has shape x.shape + (n_params,)
+    inverse(y, raw) -> (x, log (tau^-1)'(y))   the exact inverse; its log-derivative is minus
+                                               the forward one at the matching point
+
+* `Affine`: ``y = x exp(s) + t`` with the soft clamp ``s = clamp tanh(s_raw / clamp)``
+  (RealNVP/Glow with FrEIA's clamp): each scale stays in ``exp(+-clamp)``, so a round trip
+  amplifies rounding by at most ``exp(2 clamp)``. Raw ``(s_raw, t)``; zeros give the identity.
+* `Additive`: ``y = x + t`` (NICE), log-derivative 0, volume preserving. Raw ``(t,)``.
+* `Spline`: the monotone rational-quadratic spline of `invnet.layers.spline`
+  (``rq_spline_params`` / ``rq_spline_forward`` / ``rq_spline_inverse``, imported, not
+  rewritten): identity outside ``[-bound, bound]``; ``3 bins - 1`` raw numbers, zeros give
+  the identity.
+
+`make_transformer` builds one from the names the layers take (``"affine"``, ``"additive"``,
+``"spline"``). All work in the dtype of ``x``; ``raw`` must already have it.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from invnet.layers.transformers import make_transformer
+    >>> tau = make_transformer("affine", clamp=2.0)
+    >>> raw = jnp.array([[0.5, 1.0], [-0.3, 0.0]])
+    >>> y, ld = tau.forward(jnp.array([1.0, 2.0]), raw)
+    >>> x, ild = tau.inverse(y, raw)
+    >>> bool(jnp.allclose(x, jnp.array([1.0, 2.0]))), bool(jnp.allclose(ld + ild, 0.0))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from invnet.layers.spline import (
+    SPLINE_BOUND,
+    n_spline_params,
+    rq_spline_forward,
+    rq_spline_inverse,
+    rq_spline_params,
+)
+
+__all__ = ["Affine", "Additive", "Spline", "make_transformer", "TRANSFORMER_NAMES"]
+
+TRANSFORMER_NAMES = ("affine", "additive", "spline")
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``y = x exp(s) + t``, ``s = clamp tanh(s_raw / clamp)``; raw ``(s_raw, t)``."""
+
+    clamp: float = 2.0
+    n_params = 2
+
+    def log_scale(self, raw: jax.Array) -> jax.Array:
+        return self.clamp * jnp.tanh(raw[..., 0] / self.clamp)
+
+    def forward(self, x, raw):
+        s = self.log_scale(raw)
+        return x * jnp.exp(s) + raw[..., 1], s
+
+    def inverse(self, y, raw):
+        s = self.log_scale(raw)
+        return (y - raw[..., 1]) * jnp.exp(-s), -s
+
+    def error_bound(self) -> tuple[float, str]:
+        return math.exp(2.0 * self.clamp), "exp(2*clamp)"
+
+
+@dataclass(frozen=True)
+class Additive:
+    """``y = x + t``; raw ``(t,)``; log-derivative 0."""
+
+    n_params = 1
+
+    def forward(self, x, raw):
+        return x + raw[..., 0], jnp.zeros_like(x)
+
+    def inverse(self, y, raw):
+        return y - raw[..., 0], jnp.zeros_like(y)
+
+    def error_bound(self) -> tuple[float, str]:
+        return 1.0, "additive: 1"
+
+
+@dataclass(frozen=True)
+class Spline:
+    """Rational-quadratic spline on ``[-bound, bound]`` with ``bins`` bins, identity tails;
+    raw ``3 bins - 1`` numbers (see `invnet.layers.spline.rq_spline_params`)."""
+
+    bins: int = 8
+    bound: float = 3.0
+
+    @property
+    def n_params(self) -> int:
+        return n_spline_params(self.bins)
+
+    def forward(self, x, raw):
+        return rq_spline_forward(x, rq_spline_params(raw, bound=self.bound))
+
+    def inverse(self, y, raw):
+        return rq_spline_inverse(y, rq_spline_params(raw, bound=self.bound))
+
+    def error_bound(self) -> tuple[float, str]:
+        return SPLINE_BOUND
+
+
+def make_transformer(
+    name: str, *, clamp: float = 2.0, bins: int = 8, bound: float = 3.0
+) -> Affine | Additive | Spline:
+    """The transformer called ``name`` (one of `TRANSFORMER_NAMES`) with its settings."""
+    if name == "affine":
+        return Affine(float(clamp))
+    if name == "additive":
+        return Additive()
+    if name == "spline":
+        return Spline(int(bins), float(bound))
+    raise ValueError(f"transformer must be one of {TRANSFORMER_NAMES}, got {name!r}")
