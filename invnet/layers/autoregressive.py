@@ -14,7 +14,7 @@ from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision, wider_float
 from invnet.layers.coupling import _ACTIVATIONS, check_hidden, dense_min_values
 from invnet.layers.jacobi import CertifiedInverse, check_inverse_method
-from invnet.layers.spline import check_spline_config, conditioner_input
+from invnet.layers.rq_spline import check_spline_config, conditioner_input
 from invnet.layers.transformers import make_transformer
 
 __all__ = ["MaskedAutoregressive", "MADE"]
@@ -245,7 +245,7 @@ class MaskedAutoregressive(CertifiedInverse, Bijector):
 
     def _theta(self, x, cond):
         """MADE's output for ``x``; a spline's MADE sees ``x`` clipped to ``[-bound, bound]``
-        (`invnet.layers.spline.conditioner_input`: no extreme splines from tail points)."""
+        (`invnet.layers.rq_spline.conditioner_input`: no extreme splines from tail points)."""
         if self.transformer == "spline":
             x = conditioner_input(x, self.bound)
         return self.made(x, cond)

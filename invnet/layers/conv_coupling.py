@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ from flax import nnx
 from invnet import splitmm
 from invnet.core import Bijector, Shape, check_precision
 from invnet.layers.coupling import _ACTIVATIONS, dense_min_values
+from invnet.layers.transformers import Additive, Affine, Transformed
 
 __all__ = ["ConvAffineCoupling", "ConvAdditiveCoupling", "ConvNet"]
 
@@ -102,9 +102,10 @@ class ConvNet(nnx.Module):
         return self.last(act(self.middle(act(self.first(h)))))
 
 
-class _ConvCoupling(Bijector):
+class _ConvCoupling(Transformed, Bijector):
     """Split the channels ``x = (x_a, x_b)`` (first ``C//2`` / the rest); transform ``x_b``
-    given ``x_a`` (and a vector condition, broadcast to every pixel)."""
+    given ``x_a`` (and a vector condition, broadcast to every pixel) with the transformer
+    (`invnet.layers.transformers.Transformed`)."""
 
     event_ndim = 3
     _n_params = 1
@@ -177,6 +178,15 @@ class _ConvCoupling(Bijector):
             "param_dtype": self.param_dtype.name,
             "precision": self.precision,
         }
+
+    def _split(self, x):
+        return x[..., : self.split], x[..., self.split :]
+
+    def _join(self, x_a, x_b):
+        return jnp.concatenate([x_a, x_b], axis=-1)
+
+    def _sum_changed(self, log_det):
+        return self._sum_event(log_det)
 
     def _conditioner_out(self, x_a, cond):
         h = x_a
@@ -261,26 +271,9 @@ class ConvAffineCoupling(_ConvCoupling):
     def get_config(self) -> dict[str, Any]:
         return {**self._config(), "clamp": self.clamp}
 
-    def error_bound(self) -> tuple[float, str]:
-        return math.exp(2.0 * self.clamp), "exp(2*clamp)"
-
-    def _scale_shift(self, x_a, cond):
-        out = self._conditioner_out(x_a, cond)
-        n = self.channels - self.split
-        log_scale = self.clamp * jnp.tanh(out[..., :n] / self.clamp)
-        return log_scale, out[..., n:]
-
-    def _forward(self, x, cond):
-        x_a, x_b = x[..., : self.split], x[..., self.split :]
-        log_scale, shift = self._scale_shift(x_a, cond)
-        y_b = x_b * jnp.exp(log_scale) + shift
-        return jnp.concatenate([x_a, y_b], axis=-1), self._sum_event(log_scale)
-
-    def _inverse(self, y, cond):
-        y_a, y_b = y[..., : self.split], y[..., self.split :]
-        log_scale, shift = self._scale_shift(y_a, cond)
-        x_b = (y_b - shift) * jnp.exp(-log_scale)
-        return jnp.concatenate([y_a, x_b], axis=-1), -self._sum_event(log_scale)
+    @property
+    def transformer(self) -> Affine:
+        return Affine(self.clamp)
 
 
 class ConvAdditiveCoupling(_ConvCoupling):
@@ -339,12 +332,4 @@ class ConvAdditiveCoupling(_ConvCoupling):
     def error_bound(self) -> tuple[float, str]:
         return 1.0, "volume preserving"
 
-    def _forward(self, x, cond):
-        x_a, x_b = x[..., : self.split], x[..., self.split :]
-        y_b = x_b + self._conditioner_out(x_a, cond)
-        return jnp.concatenate([x_a, y_b], axis=-1), self._zero_log_det(x)
-
-    def _inverse(self, y, cond):
-        y_a, y_b = y[..., : self.split], y[..., self.split :]
-        x_b = y_b - self._conditioner_out(y_a, cond)
-        return jnp.concatenate([y_a, x_b], axis=-1), self._zero_log_det(y, inverse=True)
+    transformer = Additive()

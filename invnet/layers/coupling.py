@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from flax import nnx
 from invnet import splitmm
 from invnet.core import Bijector, check_precision, wider_float
 from invnet.layers.permute import take_last
+from invnet.layers.transformers import Additive, Affine, Transformed
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "MLP"]
 
@@ -116,8 +116,10 @@ def _split_indices(dim: int, mask) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(int(i) for i in keep), tuple(int(i) for i in change)
 
 
-class _Coupling(Bijector):
-    """Shared machinery: split x into (x_a, x_b), transform x_b given x_a (and cond)."""
+class _Coupling(Transformed, Bijector):
+    """Vector couplings: split x into (x_a, x_b) (halves or a mask), ask the MLP conditioner
+    for the raw parameters of x_b given x_a (and cond), apply the transformer to x_b
+    (`invnet.layers.transformers.Transformed`)."""
 
     def __init__(
         self,
@@ -198,6 +200,9 @@ class _Coupling(Bijector):
         joined = jnp.concatenate([x_a, x_b], axis=-1)
         return joined if self.contiguous else take_last(joined, np.asarray(self.order))
 
+    def _sum_changed(self, log_det):
+        return jnp.sum(log_det, axis=-1)
+
     def _conditioner_out(self, x_a, cond):
         h = x_a if cond is None else jnp.concatenate([x_a, cond], axis=-1)
         out = self.conditioner(h)
@@ -275,27 +280,9 @@ class AffineCoupling(_Coupling):
     def get_config(self) -> dict[str, Any]:
         return {**self._config(), "clamp": self.clamp}
 
-    def error_bound(self) -> tuple[float, str]:
-        return math.exp(2.0 * self.clamp), "exp(2*clamp)"
-
-    def _scale_shift(self, x_a, cond):
-        out = self._conditioner_out(x_a, cond)
-        n = len(self.change)
-        s_raw, shift = out[..., :n], out[..., n:]
-        log_scale = self.clamp * jnp.tanh(s_raw / self.clamp)
-        return log_scale, shift
-
-    def _forward(self, x, cond):
-        x_a, x_b = self._split(x)
-        log_scale, shift = self._scale_shift(x_a, cond)
-        y_b = x_b * jnp.exp(log_scale) + shift
-        return self._join(x_a, y_b), jnp.sum(log_scale, axis=-1)
-
-    def _inverse(self, y, cond):
-        y_a, y_b = self._split(y)
-        log_scale, shift = self._scale_shift(y_a, cond)
-        x_b = (y_b - shift) * jnp.exp(-log_scale)
-        return self._join(y_a, x_b), -jnp.sum(log_scale, axis=-1)
+    @property
+    def transformer(self) -> Affine:
+        return Affine(self.clamp)
 
 
 class AdditiveCoupling(_Coupling):
@@ -350,13 +337,7 @@ class AdditiveCoupling(_Coupling):
     def get_config(self) -> dict[str, Any]:
         return self._config()
 
+    transformer = Additive()
+
     def error_bound(self) -> tuple[float, str]:
         return 1.0, "volume preserving"
-
-    def _forward(self, x, cond):
-        x_a, x_b = self._split(x)
-        return self._join(x_a, x_b + self._conditioner_out(x_a, cond)), self._zero_log_det(x)
-
-    def _inverse(self, y, cond):
-        y_a, y_b = self._split(y)
-        return self._join(y_a, y_b - self._conditioner_out(y_a, cond)), self._zero_log_det(y)

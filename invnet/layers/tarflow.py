@@ -13,7 +13,7 @@ from flax import nnx
 from invnet.core import Bijector, check_precision, wider_float
 from invnet.layers.coupling import _DOT, _promote_wider
 from invnet.layers.jacobi import CertifiedInverse, check_inverse_method
-from invnet.layers.spline import check_spline_config
+from invnet.layers.rq_spline import check_spline_config
 from invnet.layers.transformers import TRANSFORMER_NAMES, make_transformer
 
 __all__ = ["TransformerAutoregressive", "CausalTransformer"]

@@ -12,7 +12,7 @@ Each transformer is a small frozen (hashable) description with three pure method
   (RealNVP/Glow with FrEIA's clamp): each scale stays in ``exp(+-clamp)``, so a round trip
   amplifies rounding by at most ``exp(2 clamp)``. Raw ``(s_raw, t)``; zeros give the identity.
 * `Additive`: ``y = x + t`` (NICE), log-derivative 0, volume preserving. Raw ``(t,)``.
-* `Spline`: the monotone rational-quadratic spline of `invnet.layers.spline`
+* `Spline`: the monotone rational-quadratic spline of `invnet.layers.rq_spline`
   (``rq_spline_params`` / ``rq_spline_forward`` / ``rq_spline_inverse``, imported, not
   rewritten): identity outside ``[-bound, bound]``; ``3 bins - 1`` raw numbers, zeros give
   the identity.
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from invnet.layers.spline import (
+from invnet.layers.rq_spline import (
     SPLINE_BOUND,
     n_spline_params,
     rq_spline_forward,
@@ -47,7 +47,14 @@ from invnet.layers.spline import (
     rq_spline_params,
 )
 
-__all__ = ["Affine", "Additive", "Spline", "make_transformer", "TRANSFORMER_NAMES"]
+__all__ = [
+    "Affine",
+    "Additive",
+    "Spline",
+    "make_transformer",
+    "TRANSFORMER_NAMES",
+    "Transformed",
+]
 
 TRANSFORMER_NAMES = ("affine", "additive", "spline")
 
@@ -93,20 +100,32 @@ class Additive:
 @dataclass(frozen=True)
 class Spline:
     """Rational-quadratic spline on ``[-bound, bound]`` with ``bins`` bins, identity tails;
-    raw ``3 bins - 1`` numbers (see `invnet.layers.spline.rq_spline_params`)."""
+    raw ``3 bins - 1`` numbers (see `invnet.layers.rq_spline.rq_spline_params`)."""
 
     bins: int = 8
     bound: float = 3.0
+    min_width: float = 1e-3
+    min_height: float = 1e-3
+    min_derivative: float = 1e-3
 
     @property
     def n_params(self) -> int:
         return n_spline_params(self.bins)
 
+    def _params(self, raw):
+        return rq_spline_params(
+            raw,
+            bound=self.bound,
+            min_width=self.min_width,
+            min_height=self.min_height,
+            min_derivative=self.min_derivative,
+        )
+
     def forward(self, x, raw):
-        return rq_spline_forward(x, rq_spline_params(raw, bound=self.bound))
+        return rq_spline_forward(x, self._params(raw))
 
     def inverse(self, y, raw):
-        return rq_spline_inverse(y, rq_spline_params(raw, bound=self.bound))
+        return rq_spline_inverse(y, self._params(raw))
 
     def error_bound(self) -> tuple[float, str]:
         return SPLINE_BOUND
@@ -123,3 +142,44 @@ def make_transformer(
     if name == "spline":
         return Spline(int(bins), float(bound))
     raise ValueError(f"transformer must be one of {TRANSFORMER_NAMES}, got {name!r}")
+
+
+class Transformed:
+    """What every coupling shares (mixed into the vector and the image couplings): split the
+    input into ``(x_a, x_b)``, ask the conditioner for the raw parameters of ``x_b`` given
+    ``x_a`` (and ``cond``), and apply the layer's `transformer` to ``x_b``. A coupling class
+    states its split (``_split`` / ``_join``), its conditioner call (``_conditioner_out``),
+    how it sums log-derivatives over its event (``_sum_changed``) and its ``transformer``.
+
+    ``_param_major``: the conditioner's output lists each parameter for all transformed
+    elements in turn (``s_1..s_n, t_1..t_n``: the affine and additive couplings) instead of
+    all parameters of one element in turn (the spline couplings); saved weights keep their
+    meaning either way."""
+
+    _param_major = True
+
+    def _conditioner_input(self, x_a):
+        return x_a
+
+    def _raw(self, x_a, cond):
+        out = self._conditioner_out(self._conditioner_input(x_a), cond)
+        k = self.transformer.n_params
+        if self._param_major:
+            raw = out.reshape(*out.shape[:-1], k, out.shape[-1] // k)
+            return jnp.swapaxes(raw, -1, -2)
+        return out.reshape(*out.shape[:-1], out.shape[-1] // k, k)
+
+    def _couple(self, x, cond, inverse: bool):
+        x_a, x_b = self._split(x)
+        tau = self.transformer
+        out, log_det = (tau.inverse if inverse else tau.forward)(x_b, self._raw(x_a, cond))
+        return self._join(x_a, out), self._sum_changed(log_det)
+
+    def _forward(self, x, cond):
+        return self._couple(x, cond, inverse=False)
+
+    def _inverse(self, y, cond):
+        return self._couple(y, cond, inverse=True)
+
+    def error_bound(self) -> tuple[float, str]:
+        return self.transformer.error_bound()
