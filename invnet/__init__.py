@@ -5,7 +5,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 """
 
 from invnet.benchmarking import BenchReport, bench
-from invnet.builders import spline_flow
+from invnet.builders import affine_flow, spline_flow
 from invnet.compiled import (
     LU_INVERSE_METHODS,
     Compiled,
@@ -109,6 +109,7 @@ __all__ = [
     "MaskedAutoregressive",
     "Householder",
     "spline_flow",
+    "affine_flow",
     "bench",
     "BenchReport",
     "Conv1x1",
