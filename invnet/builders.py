@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from invnet.core import Sequential
@@ -20,11 +22,31 @@ from invnet.layers import (
 )
 
 __all__ = ["affine_flow", "spline_flow"]
-_MIXINGS = ("permute", "lu")
+_MIXINGS = ("alternate", "permute", "lu")
+
+
+def alternating_permutation(dim: int, key) -> np.ndarray:
+    """A random permutation that brings the half a coupling just transformed (the last
+    ``dim - dim // 2`` features) to the front, where the next coupling reads it.
+
+    The first ``dim // 2`` outputs are drawn from the transformed half, the rest are the
+    remaining features in random order: every feature is transformed at least every other
+    block (as RealNVP's alternating masks), and in 2-D this is the swap. A plain random
+    permutation can leave the split unchanged (in 2-D half of them are the identity), and
+    two couplings in a row then transform the same features.
+    """
+    half = dim // 2
+    first_key, rest_key = jax.random.split(key)
+    front = np.asarray(jax.random.permutation(first_key, np.arange(half, dim)))[:half]
+    rest = np.setdiff1d(np.arange(dim), front)
+    return np.concatenate([front, np.asarray(jax.random.permutation(rest_key, rest))])
 
 
 def _mixing(kind: str, dim: int, rngs: nnx.Rngs, param_dtype: Any):
-    """The layer between two blocks: a random `Permute` or a learnable `LULinear`."""
+    """The layer between two blocks: a `Permute` (``"alternate"``: see
+    `alternating_permutation`; ``"permute"``: any random one) or a learnable `LULinear`."""
+    if kind == "alternate":
+        return Permute(dim, perm=alternating_permutation(dim, rngs.params()))
     if kind == "permute":
         return Permute(dim, rngs=rngs)
     return LULinear(dim, param_dtype=param_dtype, rngs=rngs)

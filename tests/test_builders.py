@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import invnet
+from invnet.builders import alternating_permutation
 
 
 def _perturb(model, scale=0.3):
@@ -20,11 +21,13 @@ def _perturb(model, scale=0.3):
 
 
 @pytest.mark.parametrize("builder", [invnet.affine_flow, invnet.spline_flow])
-@pytest.mark.parametrize(("mixing", "actnorm"), [("permute", False), ("lu", True)])
+@pytest.mark.parametrize(
+    ("mixing", "actnorm"), [("alternate", False), ("permute", False), ("lu", True)]
+)
 def test_builder_layout_and_round_trip(builder, mixing, actnorm):
     flow = builder(3, layers=2, hidden=(8,), mixing=mixing, actnorm=actnorm, rngs=nnx.Rngs(0))
     block = "AffineCoupling" if builder is invnet.affine_flow else "SplineCoupling"
-    mix = {"permute": "Permute", "lu": "LULinear"}[mixing]
+    mix = {"alternate": "Permute", "permute": "Permute", "lu": "LULinear"}[mixing]
     norm = ["ActNorm"] if actnorm else []
     assert [type(b).__name__ for b in flow.bijector] == [*norm, block, mix, *norm, block]
     x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float64)
@@ -44,3 +47,20 @@ def test_builder_refuses_bad_options(builder):
         builder(3, layers=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mixing must be one of"):
         builder(3, mixing="householder", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4, 5, 10, 31])
+def test_alternating_permutation_moves_the_transformed_half_to_the_front(dim):
+    """The next coupling conditions on features the previous one transformed, so no two
+    couplings in a row transform the same half (a plain random permutation of 2 features is
+    the identity half of the time)."""
+    half = dim // 2
+    for seed in range(20):
+        perm = alternating_permutation(dim, jax.random.key(seed))
+        assert sorted(perm.tolist()) == list(range(dim))
+        assert set(perm[:half].tolist()) <= set(range(half, dim))
+    assert alternating_permutation(2, jax.random.key(0)).tolist() == [1, 0]
+    flow = invnet.spline_flow(dim, layers=3, hidden=(4,), mixing="alternate", rngs=nnx.Rngs(0))
+    for layer in flow.bijector:
+        if isinstance(layer, invnet.Permute):
+            assert set(np.asarray(layer.perm[...])[:half].tolist()) <= set(range(half, dim))
