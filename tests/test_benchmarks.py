@@ -159,7 +159,7 @@ def test_quality_smoke(tmp_path):
     out = tmp_path / "quality"
     rows = quality.main(["--smoke", "--out", str(out)])
     models = {r["model"] for r in rows}
-    assert "invnet affine" in models and "invnet spline" in models
+    assert "invnet spline" in models  # flowjax's is there when flowjax imports
     assert all(np.isfinite(r["nll"]) and r["epochs"] >= 1 for r in rows)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["env"]["jax"]
