@@ -7,7 +7,7 @@ Every layer is a bijection with ``forward(x) -> (y, log_det)`` and an exact
 from invnet._runtime import BakedParametersWarning, NonFiniteWarning, eager
 from invnet._version import __version__
 from invnet.benchmarking import BenchReport, bench
-from invnet.builders import spline_flow
+from invnet.builders import affine_flow, spline_flow
 from invnet.compiled import (
     LU_INVERSE_METHODS,
     Compiled,
@@ -115,6 +115,7 @@ __all__ = [
     "MaskedAutoregressive",
     "Householder",
     "spline_flow",
+    "affine_flow",
     "bench",
     "BenchReport",
     "Conv1x1",
