@@ -216,8 +216,8 @@ def _under_jit() -> bool:
 def _warn_if_baked(model, fn) -> None:
     if not _under_jit():
         return
-    arrays = Snapshot(model).arrays()
-    if arrays and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))  # buffers alone never train
+    if params and not any(isinstance(a, jax.core.Tracer) for a in params):
         name = f"{type(model).__name__}.{fn.__name__.lstrip('_')}"
         method = "forward" if fn.__name__ == "__call__" else fn.__name__.lstrip("_")
         warnings.warn(_BAKED.format(name=name, method=method), BakedParametersWarning, 3)
