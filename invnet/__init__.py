@@ -51,6 +51,7 @@ from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
+from invnet.training.compile_cache import enable_compilation_cache
 from invnet.verification import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -123,4 +124,5 @@ __all__ = [
     "dequantize",
     "bits_per_dim",
     "glow",
+    "enable_compilation_cache",
 ]
