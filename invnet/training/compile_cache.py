@@ -29,10 +29,12 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None,
     ``jax_persistent_cache_min_compile_time_secs`` for the whole process.
 
     Example:
-        >>> import tempfile, invnet
+        >>> import tempfile, jax, invnet
+        >>> before = jax.config.jax_compilation_cache_dir
         >>> path = invnet.enable_compilation_cache(tempfile.mkdtemp())
-        >>> path.is_dir()
+        >>> jax.config.jax_compilation_cache_dir == str(path)
         True
+        >>> jax.config.update("jax_compilation_cache_dir", before)  # as it was
     """
     if directory is None:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -232,7 +232,9 @@ class Epochs:
             if self.val is not None:
                 val_loss = validation_loss(self.evaluate, carry.params, state.rest, self.val,
                                            self.val_key, self.eval_batch_size, placement)  # fmt: skip
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, jax.errors.JaxRuntimeError) as err:
+            if not _is_interrupt(err):
+                raise
             self._take(state, outs)
             losses, finite = self._host(outs)
             raise Interrupted(losses, finite, epoch_key) from None
@@ -260,6 +262,12 @@ class Epochs:
         losses = self.placement.host(jnp.stack([o[1] for o in outs]))
         finite = self.placement.host(jnp.stack([o[2] for o in outs]))
         return np.asarray(losses), np.asarray(finite)
+
+
+def _is_interrupt(err: BaseException) -> bool:
+    """A Ctrl-C, also one that landed inside a host callback of the step (a
+    ``jax.debug.print`` in the objective): JAX reports that one as a runtime error."""
+    return isinstance(err, KeyboardInterrupt) or "KeyboardInterrupt" in str(err)
 
 
 def draw_epoch(key, n_train: int, steps: int, batch_size: int, shuffle: bool):
