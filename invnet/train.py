@@ -18,20 +18,25 @@ the batch size); the model is split once (``nnx.split``) into its graph, its tra
 ``nnx.Param`` state and the rest (buffers), which with the optimizer state, keys, best
 parameters, counters and history form the `TrainState` (``state``). Each epoch
 (``epoch``), the training set is shuffled with an explicit key
-(``jax.random.permutation``), cut into full batches, and one jitted function runs all of
-the epoch's optimizer steps in a ``jax.lax.scan`` (no Python per step); it is cached, so a
-second `fit` of the same structure does not compile again. A step whose loss, gradients
-or resulting parameters/optimizer state are not finite is not applied: parameters and
-optimizer state keep their last finite values; ``on_nonfinite`` says whether training then
-goes on (``"skip"``), ends (``"stop"``) or raises (``"raise"``), and the history counts
-them. After each epoch (``decision``): the validation loss, the best parameters, early
+(``jax.random.permutation``), cut into full batches, and one jitted optimizer step,
+compiled once and dispatched asynchronously from a Python loop, runs each batch (compiling
+one step is several times faster than compiling a ``lax.scan`` of it; the progress bar says
+"compiling..." meanwhile, see ``progress``); it is cached, so a second `fit` of the same
+structure, or with another learning rate, does not compile again. A step whose loss,
+gradients or update are not finite is not applied: parameters and optimizer state keep
+their last finite values; ``on_nonfinite`` says whether training then goes on
+(``"skip"``), ends (``"stop"``) or raises (``"raise"``), and the history counts them.
+A Ctrl-C keeps the work: the model holds the last completed step's parameters,
+``last.invnet`` is written first with a checkpoint directory, and the
+``KeyboardInterrupt`` is re-raised carrying the `History` as ``err.history``.
+After each epoch (``decision``): the validation loss, the best parameters, early
 stopping; then checkpoints with `invnet.save` (``checkpoints``).
 
 Data parallelism is a placement question only: `_Placement` (``placement``) decides where
 the training arrays and the state live. Without a mesh everything sits on the default
 device. With ``mesh=`` (see `invnet.data_mesh`) each batch is split along its batch axis
 over the mesh's ``"data"`` axis and the parameters, optimizer state and keys are
-replicated; the same jitted epoch function runs unchanged and XLA inserts the gradient
+replicated; the same jitted step runs unchanged and XLA inserts the gradient
 all-reduce (``jax.sharding``, no hand-written communication).
 
 Resuming: every checkpoint `fit` writes also holds its optimizer state, keys, epoch counter,
@@ -113,10 +118,15 @@ def fit(
             ``jax.jit`` (`invnet.training.epoch.clear_cache` forgets the traces).
         val_data: ``{"x": ..., "y": ..., "cond": ...}`` (only the keys the job uses), or
             ``val_fraction`` of the training rows held out (drawn with ``key``).
-        optimizer: an optax transformation; default ``optax.adam(learning_rate)``. The
-            compiled epoch is reused by later calls with the same optimizer object (and
-            model structure, objective, batch size and shapes).
-        epochs, batch_size, shuffle: each epoch runs ``n // batch_size`` steps on full
+        optimizer: an optax transformation (``optax.adam(1e-3)``, not ``optax.adam``);
+            default ``optax.adam(learning_rate)`` with the rate kept in its state, so a
+            new ``learning_rate`` reuses the compiled step. The compiled step is reused by
+            later calls with the same optimizer object (and model structure, objective,
+            batch size and shapes).
+        learning_rate: a finite number > 0 (or an optax schedule) for the default
+            optimizer.
+        epochs, batch_size, shuffle: ``epochs`` and ``batch_size`` are ints (a float
+            such as ``32.0`` is a ``TypeError``); each epoch runs ``n // batch_size`` steps on full
             batches of a fresh permutation of the ``n`` training rows (the remainder rows
             wait for the next epoch); ``batch_size > n`` is a ``ValueError``.
             ``epochs`` is the total, counting the epochs of a resumed run.
@@ -144,8 +154,15 @@ def fit(
             ``"skip"`` goes on, ``"stop"`` ends training, ``"raise"`` raises
             ``FloatingPointError``. Each epoch with such steps issues a
             `NonFiniteStepWarning`.
-        progress: show a tqdm bar over epochs (``False`` for none).
+        progress: show a tqdm bar over epochs (``False`` for none); it reads
+            "compiling... Ns" while the first step compiles, then shows the compile time
+            (also in `History.compile_seconds`).
         eval_batch_size: validation runs in chunks of this many rows.
+
+    Ctrl-C (``KeyboardInterrupt``) during training leaves the model at the parameters of
+    the last completed step, writes ``last.invnet`` first when ``checkpoint_dir`` is set
+    (resumable; the interrupted epoch's data order is replayed), and re-raises with the
+    `History` as the exception's ``history`` (``stop_reason == "interrupted"``).
 
     Example:
         >>> import jax, invnet
@@ -198,7 +215,8 @@ def fit(
             state.history.epoch_seconds.append(time.perf_counter() - t_epoch)
             if ckpt_dir is not None and save_best and end.improved:
                 write("best.invnet", state.params)
-            if ckpt_dir is not None and checkpoint_every and state.next_epoch % checkpoint_every == 0:
+            periodic = checkpoint_every and state.next_epoch % checkpoint_every == 0
+            if ckpt_dir is not None and periodic:
                 write(f"epoch_{state.next_epoch:04d}.invnet", state.params)
             shown.epoch_done()
             if end.stop:

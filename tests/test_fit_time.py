@@ -128,7 +128,7 @@ def test_a_real_sigint_writes_last_first(tmp_path):
     assert history.stop_reason == "interrupted" and history.steps >= 9
     assert history.checkpoints == [str(tmp_path / "last.invnet")]
     saved = invnet.load(tmp_path / "last.invnet")
-    for a, b, s in zip(_params(saved), _params(flow), start, strict=True):
+    for a, b in zip(_params(saved), _params(flow), strict=True):
         np.testing.assert_array_equal(a, b)  # the file holds what the model holds
     assert any(not np.array_equal(a, s) for a, s in zip(_params(flow), start, strict=True))
     # and the run resumes from it

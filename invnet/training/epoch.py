@@ -112,7 +112,8 @@ def finite_scalar(*trees) -> jax.Array:
     NaN or infinite; it cannot overflow (a sum of squares would, for huge finite values).
     """
     leaves = [jnp.asarray(a) for a in jax.tree.leaves(trees)]
-    total = [jnp.sum(a * 0).astype(jnp.float32) for a in leaves if jnp.issubdtype(a.dtype, jnp.inexact)]
+    floats = [a for a in leaves if jnp.issubdtype(a.dtype, jnp.inexact)]
+    total = [jnp.sum(a * 0).astype(jnp.float32) for a in floats]
     return jnp.isfinite(functools.reduce(jnp.add, total)) if total else jnp.asarray(True)
 
 
@@ -228,10 +229,7 @@ class Epochs:
                     outs.append(self.step(carry, state.rest, self.train, order, keys, i))
                 carry = outs[-1][0]
             losses, finite = self._host(outs)  # waits for the steps: a Ctrl-C may land here
-            val_loss = None
-            if self.val is not None:
-                val_loss = validation_loss(self.evaluate, carry.params, state.rest, self.val,
-                                           self.val_key, self.eval_batch_size, placement)  # fmt: skip
+            val_loss = self._validation_loss(carry.params, state.rest)
         except (KeyboardInterrupt, jax.errors.JaxRuntimeError) as err:
             if not _is_interrupt(err):
                 raise
@@ -240,6 +238,12 @@ class Epochs:
             raise Interrupted(losses, finite, epoch_key) from None
         self._take(state, outs)
         return losses, finite, val_loss
+
+    def _validation_loss(self, params, rest) -> float | None:
+        if self.val is None:
+            return None
+        return validation_loss(self.evaluate, params, rest, self.val, self.val_key,
+                               self.eval_batch_size, self.placement)  # fmt: skip
 
     def _first_step(self, carry, rest, order, keys, on_compile):
         if on_compile is not None:
