@@ -79,7 +79,8 @@ def test_the_progress_bar_says_it_is_compiling(capsys):
 def _interrupt_after(steps, how):
     """An objective that counts the training steps run (a host callback inside the jitted
     step) and a watcher thread that calls ``how()`` (interrupts the main thread) once
-    ``steps`` have run, as a user's Ctrl-C would land: between or during steps."""
+    ``steps`` have started, as a user's Ctrl-C would land: between or during steps (the
+    step in flight may then not count)."""
     count = [0]
 
     def tick():
@@ -112,7 +113,7 @@ def test_ctrl_c_keeps_the_trained_parameters():
     assert all(np.isfinite(a).all() for a in now)
     history = info.value.history
     assert history.stop_reason == "interrupted"
-    assert history.steps >= 7 and 4 * history.epochs <= history.steps <= 4 * history.epochs + 4
+    assert history.steps >= 6 and 4 * history.epochs <= history.steps <= 4 * history.epochs + 4
     assert len(history.train_loss) == history.epochs
     assert "interrupted" in "".join(getattr(info.value, "__notes__", []))
 
@@ -125,7 +126,7 @@ def test_a_real_sigint_writes_last_first(tmp_path):
         invnet.fit(flow, x, objective=objective, epochs=10_000, batch_size=16,
                    learning_rate=1e-2, checkpoint_dir=tmp_path, progress=False)  # fmt: skip
     history = info.value.history
-    assert history.stop_reason == "interrupted" and history.steps >= 9
+    assert history.stop_reason == "interrupted" and history.steps >= 8
     assert history.checkpoints == [str(tmp_path / "last.invnet")]
     saved = invnet.load(tmp_path / "last.invnet")
     for a, b in zip(_params(saved), _params(flow), strict=True):
