@@ -55,6 +55,7 @@ from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.tarflow import NoisyMaximumLikelihood, tarflow, tarflow_denoise
 from invnet.train import History, NonFiniteStepWarning, fit
+from invnet.training.compile_cache import enable_compilation_cache
 from invnet.verification import VerifyReport, explain_nonfinite, verify
 
 __all__ = [
@@ -134,4 +135,5 @@ __all__ = [
     "tarflow",
     "NoisyMaximumLikelihood",
     "tarflow_denoise",
+    "enable_compilation_cache",
 ]

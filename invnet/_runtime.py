@@ -30,7 +30,8 @@ variable or precision setting is a structural change: the model is split again);
 are current while every variable still holds the array it held (an optimizer step,
 ``nnx.update`` or a checkpoint load replaces them).
 
-One jit cache: `cached_jit`, least recently used first out, at most `CACHE_SIZE` functions.
+One jit cache: `cached`, least recently used first out, at most `CACHE_SIZE` functions
+(the methods, `invnet.compile` and `invnet.fit`'s step and evaluation share it).
 
 Per-call cost: the structure check (one dict comparison per module, in C), a read of each
 variable's array, and ``jax.jit``'s own dispatch (measured by ``benchmarks/run.py --only
@@ -56,6 +57,7 @@ from invnet import _context
 from invnet.walk import nodes
 
 __all__ = [
+    "cached",
     "eager",
     "eager_mode",
     "compiled",
@@ -95,19 +97,28 @@ def eager_mode() -> bool:
 _CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
 
 
-def cached_jit(key: Hashable, make: Callable[[], Callable]) -> Callable:
-    """The jitted function cached under ``key``, made by ``jax.jit(make())`` on a miss.
-
-    The one cache of compiled functions in invnet (methods, `invnet.compile`); bounded to
-    `CACHE_SIZE` entries, the least recently used dropped first."""
-    found = _CACHE.get(key)
+def cached(key: Hashable, build: Callable[[], Callable]) -> Callable:
+    """The compiled function cached under ``key``, built by ``build()`` (which returns a
+    ``jax.jit`` function) on a miss: the one cache of compiled functions in invnet (the
+    models' methods, `invnet.compile`, `invnet.fit`'s step and evaluation), bounded to
+    `CACHE_SIZE` entries, the least recently used dropped first. An unhashable key (an
+    objective or optimizer that cannot be hashed) builds afresh, uncached."""
+    try:
+        found = _CACHE.get(key)
+    except TypeError:
+        return build()
     if found is None:
-        found = _CACHE[key] = jax.jit(make())
+        found = _CACHE[key] = build()
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
     return found
+
+
+def cached_jit(key: Hashable, make: Callable[[], Callable]) -> Callable:
+    """`cached` for ``jax.jit(make())``."""
+    return cached(key, lambda: jax.jit(make()))
 
 
 def clear_cache() -> None:

@@ -135,9 +135,10 @@ class Checkpoint:
                 "key (the key decides the val_fraction split)"
             )
 
-    def history(self, fields: set[str]) -> dict[str, Any]:
+    def history(self, fields: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The saved `History` fields; ``optional`` ones may be missing (older files)."""
         saved = self.state.get("history")
-        if not isinstance(saved, dict) or set(saved) != fields:
+        if not isinstance(saved, dict) or not fields - optional <= set(saved) <= fields:
             raise ValueError(f"invnet.fit: {self.path} has a malformed training history")
         return saved
 

@@ -18,20 +18,25 @@ the batch size); the model is split once (``nnx.split``) into its graph, its tra
 ``nnx.Param`` state and the rest (buffers), which with the optimizer state, keys, best
 parameters, counters and history form the `TrainState` (``state``). Each epoch
 (``epoch``), the training set is shuffled with an explicit key
-(``jax.random.permutation``), cut into full batches, and one jitted function runs all of
-the epoch's optimizer steps in a ``jax.lax.scan`` (no Python per step); it is cached, so a
-second `fit` of the same structure does not compile again. A step whose loss, gradients
-or resulting parameters/optimizer state are not finite is not applied: parameters and
-optimizer state keep their last finite values; ``on_nonfinite`` says whether training then
-goes on (``"skip"``), ends (``"stop"``) or raises (``"raise"``), and the history counts
-them. After each epoch (``decision``): the validation loss, the best parameters, early
+(``jax.random.permutation``), cut into full batches, and one jitted optimizer step,
+compiled once and dispatched asynchronously from a Python loop, runs each batch (compiling
+one step is several times faster than compiling a ``lax.scan`` of it; the progress bar says
+"compiling..." meanwhile, see ``progress``); it is cached, so a second `fit` of the same
+structure, or with another learning rate, does not compile again. A step whose loss,
+gradients or update are not finite is not applied: parameters and optimizer state keep
+their last finite values; ``on_nonfinite`` says whether training then goes on
+(``"skip"``), ends (``"stop"``) or raises (``"raise"``), and the history counts them.
+A Ctrl-C keeps the work: the model holds the last completed step's parameters,
+``last.invnet`` is written first with a checkpoint directory, and the
+``KeyboardInterrupt`` is re-raised carrying the `History` as ``err.history``.
+After each epoch (``decision``): the validation loss, the best parameters, early
 stopping; then checkpoints with `invnet.save` (``checkpoints``).
 
 Data parallelism is a placement question only: `_Placement` (``placement``) decides where
 the training arrays and the state live. Without a mesh everything sits on the default
 device. With ``mesh=`` (see `invnet.data_mesh`) each batch is split along its batch axis
 over the mesh's ``"data"`` axis and the parameters, optimizer state and keys are
-replicated; the same jitted epoch function runs unchanged and XLA inserts the gradient
+replicated; the same jitted step runs unchanged and XLA inserts the gradient
 all-reduce (``jax.sharding``, no hand-written communication).
 
 Resuming: every checkpoint `fit` writes also holds its optimizer state, keys, epoch counter,
@@ -43,6 +48,7 @@ the parameters the uninterrupted run would have had.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import time
 import warnings
@@ -50,10 +56,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from invnet import resume
 from invnet.core import Bijector, nodes
@@ -62,6 +68,7 @@ from invnet.layers.norm import data_init
 from invnet.training import checkpoints, data, epoch
 from invnet.training.decision import end_epoch
 from invnet.training.placement import _MeshPlacement, _Placement, _placement
+from invnet.training.progress import Progress
 from invnet.training.state import History, NonFiniteStepWarning, TrainState
 
 __all__ = ["fit", "History", "NonFiniteStepWarning"]
@@ -111,10 +118,15 @@ def fit(
             ``jax.jit`` (`invnet.training.epoch.clear_cache` forgets the traces).
         val_data: ``{"x": ..., "y": ..., "cond": ...}`` (only the keys the job uses), or
             ``val_fraction`` of the training rows held out (drawn with ``key``).
-        optimizer: an optax transformation; default ``optax.adam(learning_rate)``. The
-            compiled epoch is reused by later calls with the same optimizer object (and
-            model structure, objective, batch size and shapes).
-        epochs, batch_size, shuffle: each epoch runs ``n // batch_size`` steps on full
+        optimizer: an optax transformation (``optax.adam(1e-3)``, not ``optax.adam``);
+            default ``optax.adam(learning_rate)`` with the rate kept in its state, so a
+            new ``learning_rate`` reuses the compiled step. The compiled step is reused by
+            later calls with the same optimizer object (and model structure, objective,
+            batch size and shapes).
+        learning_rate: a finite number > 0 (or an optax schedule) for the default
+            optimizer.
+        epochs, batch_size, shuffle: ``epochs`` and ``batch_size`` are ints (a float
+            such as ``32.0`` is a ``TypeError``); each epoch runs ``n // batch_size`` steps on full
             batches of a fresh permutation of the ``n`` training rows (the remainder rows
             wait for the next epoch); ``batch_size > n`` is a ``ValueError``.
             ``epochs`` is the total, counting the epochs of a resumed run.
@@ -142,8 +154,15 @@ def fit(
             ``"skip"`` goes on, ``"stop"`` ends training, ``"raise"`` raises
             ``FloatingPointError``. Each epoch with such steps issues a
             `NonFiniteStepWarning`.
-        progress: show a tqdm bar over epochs (``False`` for none).
+        progress: show a tqdm bar over epochs (``False`` for none); it reads
+            "compiling... Ns" while the first step compiles, then shows the compile time
+            (also in `History.compile_seconds`).
         eval_batch_size: validation runs in chunks of this many rows.
+
+    Ctrl-C (``KeyboardInterrupt``) during training leaves the model at the parameters of
+    the last completed step, writes ``last.invnet`` first when ``checkpoint_dir`` is set
+    (resumable; the interrupted epoch's data order is replayed), and re-raises with the
+    `History` as the exception's ``history`` (``stop_reason == "interrupted"``).
 
     Example:
         >>> import jax, invnet
@@ -157,7 +176,8 @@ def fit(
         >>> history.train_loss[-1] < history.train_loss[0]
         True
     """
-    _check_arguments(model, on_nonfinite, epochs, batch_size, learning_rate)
+    _check_arguments(model, optimizer, on_nonfinite, epochs, batch_size, learning_rate,
+                     eval_batch_size)  # fmt: skip
     clock = _Clock()
     placement = _placement(mesh)
     prepared = data.prepare(
@@ -170,10 +190,7 @@ def fit(
     _initialise_from_data(model, prepared.train, eval_batch_size)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optimizer if optimizer is not None else epoch.default_optimizer(learning_rate)
-    state = TrainState.start(params, rest, tx, prepared.key)
-    if ckpt is not None:
-        state.restore(ckpt)
+    tx, state = _start(params, rest, optimizer, learning_rate, prepared.key, ckpt)
     clock.before = state.history.seconds
     state.place(placement)
     epochs_run = epoch.Epochs(graphdef, prepared, tx, placement, shuffle=shuffle,
@@ -183,27 +200,32 @@ def fit(
     def write(name: str, model_params) -> None:
         _write_checkpoint(ckpt_dir / name, model, state, model_params, run, placement, clock())
 
-    bar = tqdm(range(state.next_epoch, epochs), desc="invnet.fit", unit="epoch",
-               disable=not progress, leave=False)  # fmt: skip
-    for _ in bar:
-        t_epoch = time.perf_counter()
-        losses, finite, val_loss = epochs_run.run(state)
-        end = end_epoch(state, losses, finite, val_loss, on_nonfinite=on_nonfinite,
-                        patience=patience, min_delta=min_delta)  # fmt: skip
-        if end.nonfinite and on_nonfinite == "raise":
-            nnx.update(model, placement.host(state.params))
-            raise FloatingPointError(end.nonfinite)
-        if end.nonfinite:
-            warnings.warn(end.nonfinite, NonFiniteStepWarning, stacklevel=2)
-        state.history.epoch_seconds.append(time.perf_counter() - t_epoch)
-        if ckpt_dir is not None and save_best and end.improved:
-            write("best.invnet", state.params)
-        if ckpt_dir is not None and checkpoint_every and state.next_epoch % checkpoint_every == 0:
-            write(f"epoch_{state.next_epoch:04d}.invnet", state.params)
-        bar.set_postfix(_postfix(state.history), refresh=False)
-        if end.stop:
-            break
-    bar.close()
+    shown = Progress(range(state.next_epoch, epochs), state.history, enabled=progress)
+    try:
+        for _ in shown:
+            t_epoch = time.perf_counter()
+            losses, finite, val_loss = epochs_run.run(state, on_compile=shown.compiling)
+            end = end_epoch(state, losses, finite, val_loss, on_nonfinite=on_nonfinite,
+                            patience=patience, min_delta=min_delta)  # fmt: skip
+            if end.nonfinite and on_nonfinite == "raise":
+                nnx.update(model, placement.host(state.params))
+                raise FloatingPointError(end.nonfinite)
+            if end.nonfinite:
+                warnings.warn(end.nonfinite, NonFiniteStepWarning, stacklevel=2)
+            state.history.epoch_seconds.append(time.perf_counter() - t_epoch)
+            if ckpt_dir is not None and save_best and end.improved:
+                write("best.invnet", state.params)
+            periodic = checkpoint_every and state.next_epoch % checkpoint_every == 0
+            if ckpt_dir is not None and periodic:
+                write(f"epoch_{state.next_epoch:04d}.invnet", state.params)
+            shown.epoch_done()
+            if end.stop:
+                break
+    except (epoch.Interrupted, KeyboardInterrupt) as stopped:
+        shown.close()
+        _keep_interrupted_work(stopped, model, state, placement, write if ckpt_dir else None,
+                               clock)  # fmt: skip
+    shown.close()
 
     final = state.params
     if restore_best and state.history.val_loss and state.best is not None:
@@ -213,6 +235,56 @@ def fit(
     nnx.update(model, placement.host(final))
     state.history.seconds = clock()
     return state.history
+
+
+def _start(params, rest, optimizer, learning_rate, key, ckpt):
+    """The optimizer and the loop state: fresh, or taken from the checkpoint ``ckpt``.
+
+    The default optimizer keeps its learning rate in its state (one compiled step for every
+    rate); a checkpoint written before that (plain ``optax.adam`` state) resumes with plain
+    ``optax.adam(learning_rate)``."""
+    if optimizer is not None:
+        tx = optimizer
+    else:
+        tx = epoch.default_optimizer(learning_rate, params)
+    state = TrainState.start(params, rest, tx, key)
+    if ckpt is not None:
+        try:
+            state.restore(ckpt)
+        except ValueError:
+            if optimizer is not None or not epoch.injects(learning_rate):
+                raise
+            tx = optax.adam(learning_rate)
+            state = TrainState.start(params, rest, tx, key)
+            state.restore(ckpt)
+    if optimizer is None and hasattr(state.opt_state, "hyperparams"):
+        state.opt_state = epoch.set_learning_rate(state.opt_state, learning_rate)
+    return tx, state
+
+
+def _keep_interrupted_work(stopped, model, state, placement, write, clock) -> None:
+    """Ctrl-C: record where the run stopped, write ``last.invnet`` (with a checkpoint
+    directory), leave the model at the last completed step and re-raise
+    ``KeyboardInterrupt`` carrying the `History` (``err.history``)."""
+    history = state.history
+    if isinstance(stopped, epoch.Interrupted):  # inside an epoch: its steps so far count
+        bad = np.flatnonzero(~stopped.finite)
+        history.nonfinite_at.extend(int(history.steps + i) for i in bad)
+        history.nonfinite_steps += len(bad)
+        history.steps += len(stopped.finite)
+        state.key = stopped.epoch_key  # a resume replays the interrupted epoch's order
+    history.stop_reason = "interrupted"
+    where = (f"after {history.epochs} complete epoch(s) and {history.steps} step(s) in all; "
+             "the model holds the parameters of the last completed step")  # fmt: skip
+    if write is not None:
+        write("last.invnet", state.params)
+        where += f", saved in {history.checkpoints[-1]}"
+    nnx.update(model, placement.host(state.params))
+    history.seconds = clock()
+    err = KeyboardInterrupt()
+    err.history = history
+    err.add_note(f"invnet.fit was interrupted {where} (the History is the exception's .history)")
+    raise err from None
 
 
 class _Clock:
@@ -225,16 +297,72 @@ class _Clock:
         return self.before + time.perf_counter() - self.start
 
 
-def _check_arguments(model, on_nonfinite: str, epochs: int, batch_size: int, learning_rate):
+def _check_arguments(model, optimizer, on_nonfinite: str, epochs, batch_size, learning_rate,
+                     eval_batch_size) -> None:  # fmt: skip
     if not isinstance(model, Bijector):
         raise TypeError(f"invnet.fit: expected an invnet Bijector, got {type(model).__name__}")
     if on_nonfinite not in ("skip", "stop", "raise"):
         raise ValueError(f"invnet.fit: on_nonfinite must be skip|stop|raise, got {on_nonfinite!r}")
-    if epochs < 0 or batch_size < 1:
-        raise ValueError("invnet.fit: epochs must be >= 0 and batch_size >= 1")
-    if isinstance(learning_rate, int | float) and not math.isfinite(learning_rate):
+    _check_optimizer(optimizer)
+    _whole_number("epochs", epochs, low=0)
+    _whole_number("batch_size", batch_size, low=1)
+    _whole_number("eval_batch_size", eval_batch_size, low=1)
+    _check_learning_rate(learning_rate)
+
+
+def _check_optimizer(optimizer) -> None:
+    if optimizer is None or isinstance(optimizer, optax.GradientTransformation):
+        return
+    if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+        return  # duck-typed: an optax-like object
+    name = getattr(optimizer, "__qualname__", None)
+    module = (getattr(optimizer, "__module__", None) or "").split(".")[0]
+    if callable(optimizer) and name:
+        shown = f"{module}.{name}" if module else name
+        raise TypeError(
+            f"invnet.fit: optimizer={shown} is the optimizer's factory, not an optimizer; "
+            f"call it: optimizer={shown}(1e-3) (or leave optimizer out and pass learning_rate)"
+        )
+    raise TypeError(
+        "invnet.fit: optimizer must be an optax GradientTransformation such as "
+        f"optax.adam(1e-3), got {type(optimizer).__name__}"
+    )
+
+
+def _whole_number(name: str, value, *, low: int) -> None:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        ok = operator.index(value) >= low
+    except TypeError:
+        hint = ""
+        if isinstance(value, float) and value.is_integer():
+            hint = f"; pass {name}={int(value)}"
+        raise TypeError(
+            f"invnet.fit: {name} must be a whole number (an int) >= {low}, got {value!r}{hint}"
+        ) from None
+    if not ok:
+        raise ValueError(f"invnet.fit: {name} must be an int >= {low}, got {value!r}")
+
+
+def _check_learning_rate(learning_rate) -> None:
+    if callable(learning_rate):  # an optax schedule
+        return
+    try:
+        rate = float(learning_rate)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"invnet.fit: learning_rate must be a positive number or an optax schedule, "
+            f"got {type(learning_rate).__name__}"
+        ) from None
+    if not math.isfinite(rate):
         raise ValueError(
             f"invnet.fit: learning_rate must be a finite number, got {learning_rate!r}"
+        )
+    if rate <= 0:
+        raise ValueError(
+            f"invnet.fit: learning_rate must be > 0 (the step goes downhill by "
+            f"learning_rate x the update), got {learning_rate!r}; e.g. learning_rate=1e-3"
         )
 
 
@@ -276,10 +404,3 @@ def _write_checkpoint(
         state.history.checkpoints.append(str(path))
     meta, extra = checkpoints.contents(state, model_params, run, placement)
     save(model, path, metadata=meta, extra_arrays=extra)
-
-
-def _postfix(history: History) -> dict[str, str]:
-    postfix = {"train": f"{history.train_loss[-1]:.4f}"}
-    if history.val_loss:
-        postfix["val"] = f"{history.val_loss[-1]:.4f}"
-    return postfix

@@ -372,17 +372,21 @@ class LULinear(Bijector):
     def prepare(self, *, lu_inverse: str = "matrix", **options):
         """``W`` and ``W^{-1} = U^{-1} L^{-1} P^T`` formed in float64 on the host from the
         factors, then rounded once to the parameter dtype (``lu_inverse="solve"``: nothing,
-        the layer's own triangular solves run)."""
+        the layer's own triangular solves run).
+
+        Cost: one GEMM for ``W`` and two triangular solves for ``W^{-1}`` (``L^{-1}``, then
+        ``U^{-1}`` applied to it), about 4 D^3 flops; forming ``U^{-1}`` apart and
+        multiplying cost 6 D^3 and gave the same float32 matrices."""
         if lu_inverse == "solve":
             return None
         perm, lower, upper = self._float64_factors()
-        eye = np.eye(self.dim)
-        lower_inv = scipy.linalg.solve_triangular(lower, eye, lower=True, unit_diagonal=True)
-        upper_inv = scipy.linalg.solve_triangular(upper, eye, lower=False)
+        solve = scipy.linalg.solve_triangular
+        lower_inv = solve(lower, np.eye(self.dim), lower=True, unit_diagonal=True)
+        weight_inv = solve(upper, lower_inv, lower=False, overwrite_b=True)
         # (M P^T)[:, i] = M[:, perm[i]] as (P v)_i = v[perm[i]]
         prepared = {
             "weight": jnp.asarray((lower @ upper)[perm], self.param_dtype),
-            "weight_inv": jnp.asarray((upper_inv @ lower_inv)[:, perm], self.param_dtype),
+            "weight_inv": jnp.asarray(weight_inv[:, perm], self.param_dtype),
         }
         if lu_inverse == "matrix+refine":
             prepared["refine"] = ()  # structure only: one step of iterative refinement

@@ -1,6 +1,6 @@
 """Where `invnet.fit`'s arrays live: one device, or data parallel over a mesh.
 
-Moved from ``invnet/train.py`` unchanged.
+Moved from ``invnet/train.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class _Placement:
     def state(self, tree):  # parameters, optimizer state, buffers, per-epoch order and keys
         return tree
 
-    def batches(self, tree):  # inside the jitted epoch: the (steps, batch, ...) stacks
+    def batch(self, tree):  # inside the jitted step: the (batch, ...) arrays
         return tree
 
     def host(self, tree):  # results to read back or keep in the model
@@ -33,9 +33,9 @@ class _Placement:
 class _MeshPlacement(_Placement):
     """Data parallel over the ``"data"`` axis of ``mesh``.
 
-    Every batch is split along its batch axis (``NamedSharding(mesh, P(None, "data"))`` on
-    the stacked ``(steps, batch, ...)`` arrays, a sharding constraint inside the jitted
-    epoch); everything else is replicated. The training set itself is replicated, so each
+    Every batch is split along its batch axis (``NamedSharding(mesh, P("data"))`` on the
+    ``(batch, ...)`` arrays, a sharding constraint inside the jitted step); everything else
+    is replicated. The training set itself is replicated, so each
     device gathers its own rows of each shuffled batch without communication; the gradient
     mean over the batch becomes an all-reduce that XLA inserts.
     """
@@ -43,7 +43,7 @@ class _MeshPlacement(_Placement):
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self.devices = mesh.shape[AXIS]
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, AXIS))
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS))
 
     def data(self, tree):
         return replicate(tree, self.mesh)
@@ -51,7 +51,7 @@ class _MeshPlacement(_Placement):
     def state(self, tree):
         return replicate(tree, self.mesh)
 
-    def batches(self, tree):
+    def batch(self, tree):
         return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
 
     def host(self, tree):

@@ -24,9 +24,13 @@ class History:
     and ``best_loss`` refer to the monitored loss (validation if given, else training).
     ``nonfinite_steps`` counts steps not applied (a non-finite loss, gradient or update);
     ``nonfinite_at`` lists their global step numbers (0-based). ``stop_reason`` is
-    ``"epochs"``, ``"early_stopping"`` or ``"nonfinite"``. ``epoch_seconds[e]``: wall time
-    of epoch ``e`` (the first includes compilation); ``seconds``: the whole call (after a
-    resume: plus the earlier calls).
+    ``"epochs"``, ``"early_stopping"``, ``"nonfinite"`` or ``"interrupted"`` (Ctrl-C: then
+    ``epochs`` counts the completed epochs and ``steps`` every step run, those of the
+    interrupted epoch included). ``epoch_seconds[e]``: wall time of epoch ``e`` (the first
+    includes compilation); ``compile_seconds``: how long the first training step took to
+    return, i.e. tracing plus XLA compilation (near 0 when the step was compiled by an
+    earlier call; summed over resumed calls); ``seconds``: the whole call (after a resume:
+    plus the earlier calls).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -41,6 +45,7 @@ class History:
     checkpoints: list[str] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def stopped_early(self) -> bool:
@@ -83,7 +88,8 @@ class TrainState:
         if loop_params is not None:  # the file's model holds the best, the loop went on
             self.params = loop_params
         self.key, self.val_key = ckpt.key("key"), ckpt.key("val_key")
-        self.history = History(**ckpt.history({f.name for f in fields(History)}))
+        names = {f.name for f in fields(History)}
+        self.history = History(**ckpt.history(names, optional=frozenset({"compile_seconds"})))
         self.bad_epochs, self.next_epoch = ckpt.state["bad_epochs"], ckpt.state["next_epoch"]
         if ckpt.state["has_best"] and self.best is None:
             self.best = self.params  # the best were the loop's parameters
