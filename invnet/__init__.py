@@ -17,6 +17,14 @@ from invnet.compiled import (
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, Inverse, Sequential, set_precision
 from invnet.dispatch import eager
+from invnet.distributions import (
+    ClassConditionalGaussian,
+    DiagonalGaussian,
+    Distribution,
+    GaussianMixture,
+    StudentT,
+    Uniform,
+)
 from invnet.flows import Flow, StandardNormal
 from invnet.glow import glow
 from invnet.hidden import input_for_hidden, saliency
@@ -86,6 +94,12 @@ __all__ = [
     "NotInvertibleError",
     "Flow",
     "StandardNormal",
+    "Distribution",
+    "DiagonalGaussian",
+    "GaussianMixture",
+    "StudentT",
+    "ClassConditionalGaussian",
+    "Uniform",
     "fit",
     "History",
     "NonFiniteStepWarning",
