@@ -59,6 +59,12 @@ from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.train import History, NonFiniteStepWarning, fit
+from invnet.variational import (
+    VariationalHistory,
+    effective_sample_size,
+    fit_variational,
+    importance_estimate,
+)
 from invnet.verification import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -100,6 +106,10 @@ __all__ = [
     "StudentT",
     "ClassConditionalGaussian",
     "Uniform",
+    "fit_variational",
+    "importance_estimate",
+    "effective_sample_size",
+    "VariationalHistory",
     "fit",
     "History",
     "NonFiniteStepWarning",
