@@ -13,10 +13,10 @@ Two multimodal targets with known ``log Z``:
 * 10-D: a mixture of four unit Gaussians at (+-2, +-2, 0, ..., 0), weights (0.4, 0.3,
   0.2, 0.1), times exp(2.5) (so log Z = 2.5).
 
-The same flow for both libraries: 8 rational-quadratic spline coupling layers (8 bins on
+The same flow for both libraries: 6 rational-quadratic spline coupling layers (8 bins on
 [-5, 5], identity/linear tails), conditioners with two hidden layers of 64, random
 permutations (invnet: `invnet.Permute`) between them, a learnable diagonal Gaussian base;
-the same budget: reverse KL, adam 1e-3, batch 256, 2500 steps; ESS and log Z from 20,000
+the same budget: reverse KL, adam 1e-3, batch 256, 1500 steps; ESS and log Z from 20,000
 fresh samples. flowjax:
 ``coupling_flow(..., transformer=RationalQuadraticSpline(knots=8, interval=5),
 nn_width=64, nn_depth=2, invert=False)`` trained by ``fit_to_key_based_loss`` with its
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     layers, hidden, steps, batch, n_est = (
-        (2, (16, 16), 60, 64, 2000) if args.quick else (8, (64, 64), 2500, 256, 20_000)
+        (2, (16, 16), 60, 64, 2000) if args.quick else (6, (64, 64), 1500, 256, 20_000)
     )
     results, samples = {}, {}
     for name, (target, dim, log_z) in TARGETS.items():

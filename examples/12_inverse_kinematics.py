@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         n_train, epochs, blocks, hidden, n_test, n_samples = 4000, 15, 3, (32, 32), 5, 300
     else:
-        n_train, epochs, blocks, hidden, n_test, n_samples = 100_000, 30, 6, (128, 128), 100, 1000
+        n_train, epochs, blocks, hidden, n_test, n_samples = 50_000, 20, 6, (64, 64), 100, 1000
     batch = 500
     x_train = rng.normal(size=(n_train, 4)) * SIGMA
     y_train = forward_process(x_train)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     truth = [exact_posterior(y, n_samples, rng) for y in targets]
     floor = float(np.mean([float(_mmd(jnp.asarray(exact_posterior(y, n_samples, rng),
                                                   jnp.float32), jnp.asarray(t, jnp.float32)))
-                           for y, t in zip(targets[:10], truth[:10])]))  # fmt: skip
+                           for y, t in zip(targets[:10], truth[:10], strict=True)]))  # fmt: skip
     steps = epochs * (n_train // batch)
     prior = rng.normal(size=(n_samples, 4)) * SIGMA  # the baseline: poses from the prior
     prior_resim = float(np.mean([np.mean(np.sum((forward_process(prior) - y) ** 2, axis=-1))
@@ -182,7 +182,7 @@ def _arm(x):
     """The joint positions of pose x (rail at the origin; y1 vertical, y2 horizontal)."""
     a = np.cumsum(x[1:])
     pts = [np.array([0.0, x[0]])]
-    for length, angle in zip(LENGTHS, a):
+    for length, angle in zip(LENGTHS, a, strict=True):
         pts.append(pts[-1] + length * np.array([np.cos(angle), np.sin(angle)]))
     return np.array(pts)
 
@@ -195,7 +195,7 @@ def _plot(y, truth, samples, out: Path):
 
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
-    for ax, (title, xs) in zip(axes, [("exact posterior", truth), *samples.items()]):
+    for ax, (title, xs) in zip(axes, [("exact posterior", truth), *samples.items()], strict=True):
         for x in xs[:120]:
             p = _arm(x)
             ax.plot(p[:, 0], p[:, 1], "-", color="tab:blue", alpha=0.08, lw=1)

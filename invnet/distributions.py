@@ -83,9 +83,11 @@ class Distribution(nnx.Module):
         """``log p(z | cond)``, summed over the event axes: shape ``z.shape[:-len(E)]``."""
         z = jnp.asarray(z)
         k = len(self.event_shape)
-        if not jnp.issubdtype(z.dtype, jnp.floating) or tuple(z.shape[z.ndim - k :]) != tuple(
-            self.event_shape
-        ) or z.ndim < k:
+        if (
+            not jnp.issubdtype(z.dtype, jnp.floating)
+            or tuple(z.shape[z.ndim - k :]) != tuple(self.event_shape)
+            or z.ndim < k
+        ):
             raise ValueError(
                 f"{type(self).__name__}.log_prob: z must be a float array of shape "
                 f"(..., {', '.join(map(str, self.event_shape))}), got {z.dtype} {z.shape}"
@@ -207,11 +209,15 @@ class GaussianMixture(Distribution):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):  # fmt: skip
         self.event_shape = _event_shape("GaussianMixture", event_shape)
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-            raise ValueError(f"GaussianMixture: components must be an integer >= 1, got {components!r}")
+            raise ValueError(
+                f"GaussianMixture: components must be an integer >= 1, got {components!r}"
+            )
         self.param_dtype = _param_dtype("GaussianMixture", param_dtype)
         self.components, self.init_spread = components, float(init_spread)
         shape = (components, *self.event_shape)
-        self.means = nnx.Param(init_spread * jax.random.normal(rngs.params(), shape, self.param_dtype))
+        self.means = nnx.Param(
+            init_spread * jax.random.normal(rngs.params(), shape, self.param_dtype)
+        )
         self.log_scales = nnx.Param(jnp.zeros(shape, self.param_dtype))
         self.logits = nnx.Param(jnp.zeros((components,), self.param_dtype))
 
@@ -311,7 +317,8 @@ class ClassConditionalGaussian(Distribution):
         self.event_shape = _event_shape("ClassConditionalGaussian", event_shape)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(
-                f"ClassConditionalGaussian: num_classes must be an integer >= 1, got {num_classes!r}"
+                "ClassConditionalGaussian: num_classes must be an integer >= 1, got "
+                f"{num_classes!r}"
             )
         if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"ClassConditionalGaussian: scale must be > 0, got {scale!r}")
@@ -319,7 +326,9 @@ class ClassConditionalGaussian(Distribution):
         self.num_classes, self.cond_dim = num_classes, num_classes
         self.scale, self.init_spread = float(scale), float(init_spread)
         shape = (num_classes, *self.event_shape)
-        self.means = nnx.Param(init_spread * jax.random.normal(rngs.params(), shape, self.param_dtype))
+        self.means = nnx.Param(
+            init_spread * jax.random.normal(rngs.params(), shape, self.param_dtype)
+        )
 
     def _mean_for(self, cond, batch: tuple[int, ...], dt) -> jax.Array:
         cond = jnp.asarray(cond)

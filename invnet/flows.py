@@ -110,7 +110,8 @@ class Flow(Delegate):
         base_cond = getattr(base, "cond_dim", 0)
         if base_cond and bijector.cond_dim and base_cond != bijector.cond_dim:
             raise ValueError(
-                f"Flow: the base takes cond of width {base_cond}, the bijector {bijector.cond_dim}; "
+                f"Flow: the base takes cond of width {base_cond}, the bijector "
+                f"{bijector.cond_dim}; "
                 "both receive the same cond, so build them with the same cond_dim"
             )
         self.bijector = bijector

@@ -228,8 +228,16 @@ def fit_variational(
     return history
 
 
-def importance_estimate(flow, log_density, key: jax.Array | int = 0, *, n: int = 10_000,
-                        cond=None, dtype=jnp.float32, batch_size: int = 10_000) -> dict:
+def importance_estimate(
+    flow,
+    log_density,
+    key: jax.Array | int = 0,
+    *,
+    n: int = 10_000,
+    cond=None,
+    dtype=jnp.float32,
+    batch_size: int = 10_000,
+) -> dict:
     r"""Importance-sampling check of a fitted flow against the target, on ``n`` fresh samples.
 
     Returns ``{"log_z": log mean w, "ess": normalised ESS, "kl": mean(log q - log p~) +

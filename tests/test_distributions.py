@@ -25,7 +25,8 @@ def _perturb(base, seed=0):
     params = nnx.state(base, nnx.Param)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+    pairs = zip(leaves, keys, strict=True)
+    new = [p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in pairs]
     nnx.update(base, jax.tree.unflatten(tree, new))
     return base
 
@@ -109,8 +110,11 @@ def _points(case, base, n, dtype, seed=1):
 
 
 def test_every_public_base_has_a_case():
-    public = {n for n in invnet.__all__ if isinstance(getattr(invnet, n), type)
-              and issubclass(getattr(invnet, n), invnet.Distribution)} - {"Distribution"}  # fmt: skip
+    public = {
+        n for n in invnet.__all__
+        if isinstance(getattr(invnet, n), type)
+        and issubclass(getattr(invnet, n), invnet.Distribution)
+    } - {"Distribution"}  # fmt: skip
     assert public == set(IDS)
 
 
@@ -220,8 +224,8 @@ def _fit_verify_save(case, tmp_path):
     assert np.all(np.isfinite(history.train_loss))
     assert history.train_loss[-1] < history.train_loss[0]
     after = nnx.state(base, nnx.Param)
-    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):  # fit trains the base
-        assert not np.allclose(b, a)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert not np.allclose(b, a)  # fit trains the base
     assert invnet.verify(flow, x, cond=cond).ok
     _check_save_load(flow, base, x, cond, tmp_path / "trained.invnet")
 
@@ -253,7 +257,9 @@ def test_gradients_reach_every_base_parameter_float64(case):
     cond = jax.nn.one_hot(jnp.arange(16) % 4, 4, dtype=jnp.float64) if case.conditional else None
 
     def nll(model):
-        return invnet.MaximumLikelihood()(model, {"x": x, **({"cond": cond} if case.conditional else {})})
+        return invnet.MaximumLikelihood()(
+            model, {"x": x, **({"cond": cond} if case.conditional else {})}
+        )
 
     def reverse(model):  # the variational path: reverse KL to N(1, I) through the samples
         xs, lq = model.sample_and_log_prob(jax.random.key(1), 16, cond=cond, dtype=jnp.float64)

@@ -54,7 +54,8 @@ def test_ess_matches_its_formula():
     want = w.sum() ** 2 / (len(w) * (w**2).sum())
     np.testing.assert_allclose(invnet.effective_sample_size(jnp.asarray(lw)), want, rtol=1e-12)
     assert float(invnet.effective_sample_size(jnp.array([0.0, -jnp.inf, jnp.nan]))) == (
-        pytest.approx(1 / 3))
+        pytest.approx(1 / 3)
+    )
 
 
 def test_reverse_kl_on_a_correlated_gaussian_finds_log_z():
@@ -62,7 +63,8 @@ def test_reverse_kl_on_a_correlated_gaussian_finds_log_z():
     (observed about 0.99, CPU, float64)."""
     flow = _flow(blocks=2)
     history = invnet.fit_variational(flow, correlated_gaussian, steps=400, batch_size=128,
-                                     learning_rate=2e-2, dtype=jnp.float64, progress=False)  # fmt: skip
+                                     learning_rate=2e-2, dtype=jnp.float64,
+                                     progress=False)  # fmt: skip
     assert history.steps == 400 and len(history.ess) == 400 and history.stop_reason == "steps"
     assert np.mean(history.loss[-50:]) < np.mean(history.loss[:50])
     est = invnet.importance_estimate(flow, correlated_gaussian, 7, n=20_000, dtype=jnp.float64)
@@ -107,7 +109,7 @@ def test_ctrl_c_keeps_the_last_finished_chunk(monkeypatch):
                                      learning_rate=1e-2, progress=False)  # fmt: skip
     assert history.stop_reason == "interrupted" and history.steps == 10
     kept = nnx.state(flow, nnx.Param)
-    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(after_first["params"])):
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(after_first["params"]), strict=True):
         np.testing.assert_array_equal(a, b)  # the first chunk's parameters, not the initial
 
 
@@ -128,5 +130,7 @@ def test_nonfinite_target_steps_are_not_applied():
     h = invnet.fit_variational(flow, lambda x: jnp.full(x.shape[:1], -jnp.inf, x.dtype),
                                steps=5, progress=False)  # fmt: skip
     assert h.nonfinite_steps == 5
-    for a, b in zip(jax.tree.leaves(nnx.state(flow, nnx.Param)), jax.tree.leaves(before)):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(flow, nnx.Param)), jax.tree.leaves(before), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
