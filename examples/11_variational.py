@@ -15,7 +15,7 @@ Two multimodal targets with known ``log Z``:
 
 The same flow for both libraries: 6 rational-quadratic spline coupling layers (8 bins on
 [-5, 5], identity/linear tails), conditioners with two hidden layers of 64, random
-permutations (invnet: `invnet.Permute`) between them, a learnable diagonal Gaussian base;
+permutations between them (a flip in 2-D, as flowjax does), a learnable diagonal Gaussian base;
 the same budget: reverse KL, adam 1e-3, batch 256, 1500 steps; ESS and log Z from 20,000
 fresh samples. flowjax:
 ``coupling_flow(..., transformer=RationalQuadraticSpline(knots=8, interval=5),
@@ -70,8 +70,12 @@ def invnet_flow(dim, layers, hidden, seed):
     rngs = nnx.Rngs(seed)
     blocks = []
     for _ in range(layers):
+        # a flip in 2-D (a random permutation of two may be the identity), random above:
+        # flowjax's coupling_flow does the same
+        flip = dim == 2
+        permute = invnet.Permute(dim, mode="reverse") if flip else invnet.Permute(dim, rngs=rngs)
         blocks += [invnet.SplineCoupling(dim, bins=8, bound=5.0, hidden=hidden, rngs=rngs),
-                   invnet.Permute(dim, rngs=rngs)]  # fmt: skip
+                   permute]  # fmt: skip
     return invnet.Flow(invnet.Sequential(*blocks), invnet.DiagonalGaussian(dim))
 
 

