@@ -73,6 +73,7 @@ def test_reverse_kl_on_a_correlated_gaussian_finds_log_z():
     assert history.ess[-1] > 0.8  # the per-step ESS in the history agrees
 
 
+@pytest.mark.extended  # 600 IWAE steps of a 4-block flow: the heaviest check here
 def test_importance_weighted_bound_on_a_two_component_mixture():
     """A bimodal target; K=8 IWAE: log Z to 0.05 nats and ESS > 0.5 (observed ~0.8, CPU,
     float64). The untrained flow's ESS is far lower."""
