@@ -19,6 +19,14 @@ from invnet.compiled import (
 from invnet.containers import Inverse, Sequential
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, set_precision
+from invnet.distributions import (
+    ClassConditionalGaussian,
+    DiagonalGaussian,
+    Distribution,
+    GaussianMixture,
+    StudentT,
+    Uniform,
+)
 from invnet.flows import Flow, StandardNormal
 from invnet.glow import glow
 from invnet.hidden import input_for_hidden, saliency
@@ -56,6 +64,12 @@ from invnet.revprop import Reversible, reversible
 from invnet.tarflow import NoisyMaximumLikelihood, tarflow, tarflow_denoise
 from invnet.train import History, NonFiniteStepWarning, fit
 from invnet.training.compile_cache import enable_compilation_cache
+from invnet.variational import (
+    VariationalHistory,
+    effective_sample_size,
+    fit_variational,
+    importance_estimate,
+)
 from invnet.verification import VerifyReport, explain_nonfinite, verify
 
 __all__ = [
@@ -91,6 +105,16 @@ __all__ = [
     "NotInvertibleError",
     "Flow",
     "StandardNormal",
+    "Distribution",
+    "DiagonalGaussian",
+    "GaussianMixture",
+    "StudentT",
+    "ClassConditionalGaussian",
+    "Uniform",
+    "fit_variational",
+    "importance_estimate",
+    "effective_sample_size",
+    "VariationalHistory",
     "fit",
     "History",
     "NonFiniteStepWarning",

@@ -22,6 +22,7 @@ import numpy as np
 from invnet import _runtime
 from invnet.bases import Delegate
 from invnet.core import Bijector, unify_shapes
+from invnet.distributions import Distribution, distribution_from_spec
 
 __all__ = ["Flow", "StandardNormal"]
 
@@ -58,8 +59,14 @@ class Flow(Delegate):
     r"""A density model ``p(x | c)``: a bijector ``f`` (data -> latent) and a base ``p_Z``.
 
     * ``forward(x)`` / ``inverse(z)`` are the bijector's, so a `Flow` is itself a
-      `invnet.Bijector` and `invnet.save` / `invnet.load` store and rebuild it (the base is
-      saved by name; only `StandardNormal` is built in).
+      `invnet.Bijector` and `invnet.save` / `invnet.load` store and rebuild it, base
+      included: `StandardNormal` by name, an `invnet.Distribution` (learnable Gaussian,
+      mixture, Student-t, class-conditional, uniform, or your own subclass) by its config,
+      its parameters as arrays. A `Distribution` base's ``nnx.Param``s train with the rest.
+    * The base sees the latent reshaped to its own ``event_shape`` (same number of
+      elements). A conditional base (`invnet.ClassConditionalGaussian`) takes ``cond``; the
+      bijector gets ``cond`` only if it has conditional layers itself. When both are
+      conditional they take the same ``cond`` and their ``cond_dim`` must agree.
     * ``log_prob(x, cond)``: ``log p_Z(f(x)) + log|det df/dx|``, one value per sample, in
       nats. Non-finite inputs or a non-finite log-det give a non-finite result, never a
       silently clipped one.
@@ -100,6 +107,13 @@ class Flow(Delegate):
             base = StandardNormal()
         if not (hasattr(base, "log_prob") and hasattr(base, "sample")):
             raise TypeError("Flow: base must have log_prob(z) and sample(key, shape, dtype)")
+        base_cond = getattr(base, "cond_dim", 0)
+        if base_cond and bijector.cond_dim and base_cond != bijector.cond_dim:
+            raise ValueError(
+                f"Flow: the base takes cond of width {base_cond}, the bijector "
+                f"{bijector.cond_dim}; "
+                "both receive the same cond, so build them with the same cond_dim"
+            )
         self.bijector = bijector
         self.base = base
         self._copy_shape()
@@ -107,36 +121,67 @@ class Flow(Delegate):
         self.event_shape = _data_shape(bijector, dim, event_shape)
         if self.event_shape is not None and len(self.event_shape) == 1:
             self.dim = self.event_shape[0]
+        if isinstance(base, Distribution) and self.event_shape is not None:
+            size, latent = math.prod(base.event_shape), self.latent_shape()
+            if size != math.prod(latent):
+                raise ValueError(
+                    f"Flow: the base's event shape {base.event_shape} has {size} elements, the "
+                    f"flow's latent {latent} has {math.prod(latent)}; build the base with "
+                    f"event_shape={latent}"
+                )
+
+    def _copy_shape(self) -> None:
+        super()._copy_shape()
+        self.cond_dim = self.cond_dim or getattr(getattr(self, "base", None), "cond_dim", 0)
+
+    def _bijector_cond(self, cond):
+        """``cond`` for the bijector: dropped when only the base is conditional."""
+        return cond if self.bijector.cond_dim else None
+
+    def _base_cond(self, cond):
+        return cond if getattr(self.base, "cond_dim", 0) else None
 
     def inner(self) -> Bijector:
         return self.bijector
 
     # ------------------------------------------------------------------ Bijector API
     def forward(self, x, *, cond=None):
-        return self.bijector.forward(x, cond=cond)
+        if cond is None or self.cond_dim == 0:
+            return self.bijector.forward(x, cond=cond)  # the bijector's own errors
+        return self.bijector.forward(x, cond=self._bijector_cond(cond))
 
     def inverse(self, y, *, cond=None):
-        return self.bijector.inverse(y, cond=cond)
+        if cond is None or self.cond_dim == 0:
+            return self.bijector.inverse(y, cond=cond)
+        return self.bijector.inverse(y, cond=self._bijector_cond(cond))
 
     def chain(self) -> list[tuple[str, Bijector, bool]]:
         return [(".bijector", self.bijector, False)]
 
     def get_config(self) -> dict[str, Any]:
+        shape = None if self.event_shape is None else list(self.event_shape)
+        if isinstance(self.base, Distribution):
+            return {"base": self.base.to_spec(), "dim": self.dim, "event_shape": shape}
         name = getattr(self.base, "name", None)
         if name not in _BASES or not isinstance(self.base, _BASES[name]):
             raise ValueError(
                 f"Flow with base {self.base!r} cannot be saved by architecture (only "
-                f"{sorted(_BASES)} are built in); save flow.bijector and rebuild the Flow"
+                f"{sorted(_BASES)} are built in, and subclasses of invnet.Distribution); save "
+                "flow.bijector and rebuild the Flow, or make the base a Distribution"
             )
-        shape = None if self.event_shape is None else list(self.event_shape)
         return {"base": name, "dim": self.dim, "event_shape": shape}
 
     @classmethod
     def from_config(cls, config, children, *, rngs):
         shape = config.get("event_shape")
+        base = config.get("base")
+        if isinstance(base, dict):
+            base = distribution_from_spec(base, rngs=rngs)
+        elif base is not None and base not in _BASES:
+            raise ValueError(f"Flow: unknown base {base!r}; known: {sorted(_BASES)}")
         return cls(
             children[0],
-            base=config.get("base"),
+            base=base,
             dim=config.get("dim") if shape is None else None,
             event_shape=None if shape is None else tuple(shape),
         )
@@ -151,15 +196,29 @@ class Flow(Delegate):
             )
         return tuple(self.bijector.output_shape(self.event_shape))
 
-    def _base_log_prob(self, z):
+    def _base_log_prob(self, z, cond=None):
         k = len(self.bijector.output_pattern())
+        batch = z.shape[: z.ndim - k]
+        if isinstance(self.base, Distribution):
+            size = math.prod(z.shape[z.ndim - k :])
+            if size != math.prod(self.base.event_shape):
+                raise ValueError(
+                    f"Flow: the latent has {size} elements per sample, the base's event shape "
+                    f"{self.base.event_shape} {math.prod(self.base.event_shape)}"
+                )
+            z = z.reshape(*batch, *self.base.event_shape)
+            return self.base.log_prob(z, cond=self._base_cond(cond))
         size = math.prod(z.shape[z.ndim - k :])  # not -1: an empty batch has no size to infer
-        return self.base.log_prob(z.reshape(*z.shape[: z.ndim - k], size))
+        return self.base.log_prob(z.reshape(*batch, size))
 
-    def _draw(self, key, n, temperature, dtype):
+    def _draw(self, key, n, temperature, dtype, cond=None):
         key = _as_key(key)
         n = _count(n)
         latent = self.latent_shape()
+        if isinstance(self.base, Distribution):
+            z = self.base.sample(key, n, self._base_cond(cond), dtype=dtype,
+                                 temperature=temperature)  # fmt: skip
+            return z.reshape(n, *latent)
         z = self.base.sample(key, (n, math.prod(latent)), dtype)
         return (temperature * z).reshape(n, *latent)
 
@@ -201,6 +260,8 @@ class Flow(Delegate):
     def _sampled(self, fn, key, n, cond, temperature, dtype):
         key, n, dtype = _as_key(key), _count(n), jnp.dtype(dtype)
         self.latent_shape()  # a flow over events of any size cannot sample: say so here
+        if not getattr(self.base, "tempered", True) and temperature != 1.0:
+            raise ValueError(f"Flow: temperature has no meaning for the base {self.base!r}")
         return fn(self, key, cond, temperature, n=n, dtype=dtype)
 
 
@@ -208,20 +269,20 @@ class Flow(Delegate):
 @_runtime.compiled
 def _log_prob(flow, x, cond):
     z, log_det = flow.forward(x, cond=cond)
-    return flow._base_log_prob(z) + log_det
+    return flow._base_log_prob(z, cond) + log_det
 
 
 @_runtime.compiled
 def _sample(flow, key, cond, temperature, *, n, dtype):
-    z = flow._draw(key, n, temperature, dtype)
+    z = flow._draw(key, n, temperature, dtype, cond)
     return flow.inverse(z, cond=cond)[0]
 
 
 @_runtime.compiled
 def _sample_and_log_prob(flow, key, cond, temperature, *, n, dtype):
-    z = flow._draw(key, n, temperature, dtype)
+    z = flow._draw(key, n, temperature, dtype, cond)
     x, inv_log_det = flow.inverse(z, cond=cond)
-    return x, flow._base_log_prob(z) - inv_log_det
+    return x, flow._base_log_prob(z, cond) - inv_log_det
 
 
 def _as_key(key) -> jax.Array:

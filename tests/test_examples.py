@@ -38,6 +38,8 @@ NAMES = [
     "08_invertible_classifier",
     "09_glow_patches",
     "10_tarflow_digits",
+    "11_variational",
+    "12_inverse_kinematics",
 ]
 
 
@@ -137,3 +139,25 @@ def test_10_tarflow_digits(tmp_path):
     # the jacobi sampler agrees with the sequential one (float32 rounding)
     assert r["tarflow_bpd"] < r["uniform_bpd"] and r["glow_bpd"] < r["uniform_bpd"]
     assert r["jacobi_vs_sequential"] < 1e-3
+
+
+def test_11_variational_invnet_and_flowjax(tmp_path):
+    # flowjax's own code is not strict-promotion clean: the example runs under standard
+    r = _run("11_variational", tmp_path, USER_CODE_PROMOTES)
+    # quick mode (2 spline layers, 60 steps; observed under x64 on a loaded 2-core CPU: invnet
+    # ESS 0.022 / 0.032 and log Z off by -0.84 / -0.22 nats on the ring / the 10-D mixture;
+    # flowjax ESS 0.022 / 0.058): far from converged, but the importance weights are finite
+    # and invnet's log Z estimate is within 1.5 nats of the true one
+    for key, v in r.items():
+        assert 0.0 < v["ess"] <= 1.0 and np.isfinite(v["log_z"]), key
+    for target in ("ring (2-D)", "mixture (10-D)"):
+        assert abs(r[f"{target}|invnet"]["log_z_error"]) < 1.5
+
+
+def test_12_inverse_kinematics_posterior_beats_the_prior(tmp_path):
+    r = _run("12_inverse_kinematics", tmp_path)
+    # quick mode (3 blocks, 15 epochs on 4000 poses; observed Err_resim 0.18 affine, 0.15
+    # spline against 3.34 for poses from the prior): the posterior samples reach the target
+    for kind in ("affine", "spline"):
+        assert np.isfinite(r[kind]["err_post"])
+        assert r[kind]["err_resim"] < 0.5 * r["prior_resim"]
