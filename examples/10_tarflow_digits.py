@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few seconds (for tests)")
     parser.add_argument("--out", default="out", help="folder for the PNG (default out/)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None, help="default 4 quick, 60 full")
+    parser.add_argument("--epochs", type=int, default=None, help="default 4 quick, 40 full")
     parser.add_argument("--noise-std", type=float, default=0.0)
     parser.add_argument("--save", default=None, help="save the trained TarFlow here")
     args = parser.parse_args(argv)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     pixels = digits.data[train].reshape(-1, 8, 8, 1)
     x_train = (np.asarray(invnet.dequantize(args.seed, pixels, levels=LEVELS)) / LEVELS
                - MEAN) / STD  # fmt: skip
-    epochs = args.epochs or (4 if args.quick else 60)
+    epochs = args.epochs or (4 if args.quick else 40)
     if args.quick:
         tar_cfg, glow_cfg = dict(blocks=2, depth=1, width=16, heads=2), dict(steps=2, hidden=16)
     else:
