@@ -260,7 +260,8 @@ def _make(structure, fn, static_args, static_kwargs):
 
 class NonFiniteWarning(RuntimeWarning):
     """A model's inverse turned finite inputs into NaN/inf (a target outside the range of an
-    interval layer such as `invnet.Tanh`): `invnet.explain_nonfinite` names the layer."""
+    interval layer such as `invnet.Tanh`, or an unconverged capped jacobi inverse):
+    `invnet.explain_nonfinite` names the layer."""
 
 
 def _check_finite(model, data, out) -> None:
@@ -281,8 +282,9 @@ def _check_finite(model, data, out) -> None:
         warnings.warn(
             f"{type(model).__name__}.inverse: {lost.size} of {n} samples with finite inputs "
             f"came back NaN/inf (samples {shown}, flat batch indices): a target outside the "
-            "range of an interval layer (Tanh, Sigmoid, Logit) has no preimage. "
-            "invnet.explain_nonfinite(model, y) names the layer where each one left the range",
+            "range of an interval layer (Tanh, Sigmoid, Logit) has no preimage, or an "
+            "iterative (jacobi) inverse did not converge within its sweep cap. "
+            "invnet.explain_nonfinite(model, y) names the layer where each one was lost",
             NonFiniteWarning,
             stacklevel=3,
         )

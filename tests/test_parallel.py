@@ -112,9 +112,10 @@ def test_batch_size_must_divide_over_the_devices(four_devices):
     assert "28 or 32" in error
 
 
-def test_readme_example_resumes_on_four_devices(tmp_path):
-    # the README's "Scaling and safety" example: mesh="all" on 4 devices, then a resume
-    text = (ROOT / "README.md").read_text().split("## Scaling and safety\n", 1)[1]
+def test_docs_example_resumes_on_four_devices(tmp_path):
+    # the docs' "Several devices" example: mesh="all" on 4 devices, then a resume
+    page = (ROOT / "docs" / "guide" / "checkpoints-and-scaling.md").read_text()
+    text = page.split("## Several devices\n", 1)[1]
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
