@@ -37,6 +37,7 @@ def _run_module():
     return _load("run")
 
 
+@pytest.mark.extended  # ~9 s
 def test_quick_sections_run(tmp_path):
     run = _run_module()
     rc = run.main(["--tiny", "--only", "gd", "peers", "--no-plot", "--out", str(tmp_path)])
@@ -69,6 +70,7 @@ def _normflows_importable() -> bool:
     return True
 
 
+@pytest.mark.extended  # ~35 s
 def test_images_quick(tmp_path, capsys):
     images = _load("images")
     assert images.main(["--quick", "--no-plot", "--out", str(tmp_path)]) == 0
@@ -169,6 +171,7 @@ def test_images_normflows_glow_is_invnet_glow():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.extended  # ~15 s
 def test_quality_smoke(tmp_path):
     """The model-quality protocol end to end on one tiny set: every model trains, gets a
     finite held-out NLL and a rank, and the JSON and table are written."""

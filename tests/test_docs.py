@@ -57,6 +57,7 @@ def test_readme_quickstart_runs():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.extended  # every doctest in one process: ~70 s
 def test_docstring_examples_run():
     code = (
         "import doctest, sys, pkgutil, importlib, invnet\n"
@@ -86,6 +87,7 @@ def docs_blocks() -> list:
     return params
 
 
+@pytest.mark.extended  # 13 fresh processes: 5-30 s each
 @pytest.mark.parametrize("page, index, code", docs_blocks())
 def test_every_docs_python_block_runs_on_its_own(page, index, code, tmp_path):
     """Each docs page's code block runs as written, alone, in a fresh process in a temp

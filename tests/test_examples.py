@@ -61,6 +61,7 @@ def _run(name, tmp_path, promotion=None):
 USER_CODE_PROMOTES = "standard"
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_01_reverse_regression(tmp_path):
     r = _run("01_reverse_regression", tmp_path, USER_CODE_PROMOTES)
     assert abs(r["x_gd"] - r["x_exact"]) < 2.0  # gradient descent settles near the exact x
@@ -68,6 +69,7 @@ def test_01_reverse_regression(tmp_path):
     assert r["relu_error"] > 10 * r["inn_round_trip"]
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_02_digits_conditional_samples_are_their_class(tmp_path):
     r = _run("02_digits", tmp_path)
     # quick mode (4 blocks, 30 epochs): observed 80% of cINN samples classified as their
@@ -76,22 +78,26 @@ def test_02_digits_conditional_samples_are_their_class(tmp_path):
     assert r["pinv_own_accuracy"] == 1.0  # pinv satisfies its own classifier by construction
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_03_exact_vs_gradient_descent(tmp_path):
     r = _run("03_exact_vs_gradient_descent", tmp_path, USER_CODE_PROMOTES)
     assert r["exact_error"] < 1e-5
     assert min(r["gd_errors"].values()) > 100 * r["exact_error"]
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_04_saliency_and_hidden_units(tmp_path):
     r = _run("04_saliency_and_hidden_units", tmp_path)
     assert r["unit_after"] < 1e-5 and r["other_units_change"] < 1e-5
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_05_two_moons_density(tmp_path):
     r = _run("05_two_moons_density", tmp_path)
     assert r["best_val_nll"] < 2.5 and 0.8 < r["mass_in_view"] <= 1.0 + 1e-3
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 @pytest.mark.parametrize("argv", [["demo", "--quick", "--no-progress"]])
 def test_demo_runs(tmp_path, argv, capsys):
     assert cli_main([*argv, "--out", str(tmp_path)]) == 0
@@ -99,6 +105,7 @@ def test_demo_runs(tmp_path, argv, capsys):
     assert "round trip OK" in capsys.readouterr().out
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_06_glow_digits_bits_per_dim(tmp_path):
     r = _run("06_glow_digits", tmp_path)
     # quick mode (4 epochs): both flows already beat the uniform 17-level baseline (4.09)
@@ -106,6 +113,7 @@ def test_06_glow_digits_bits_per_dim(tmp_path):
     assert r["glow_bpd"] < r["uniform_bpd"] and r["flat_bpd"] < r["uniform_bpd"]
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_07_conditional_samples_are_their_class(tmp_path):
     r = _run("07_conditional_digits", tmp_path)
     # quick mode (15 epochs, adam 3e-3) passes this under the suite's x64 (6 epochs gave 17%);
@@ -113,6 +121,7 @@ def test_07_conditional_samples_are_their_class(tmp_path):
     assert r["sample_accuracy"] >= 0.2
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_08_invertible_classifier(tmp_path):
     r = _run("08_invertible_classifier", tmp_path)
     # quick mode (25 epochs, CPU, float32 model): observed 98.0% held-out accuracy, round trip
@@ -124,6 +133,7 @@ def test_08_invertible_classifier(tmp_path):
     assert r["judge_agreement"] >= 0.5
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_09_glow_patches_bits_per_dim(tmp_path):
     r = _run("09_glow_patches", tmp_path)
     # quick mode (3 epochs on 1000 patches): observed glow 7.30, flat 7.08 bits/dim (CPU,
@@ -133,6 +143,7 @@ def test_09_glow_patches_bits_per_dim(tmp_path):
     assert 0 < r["std"] < 1 and 0 < r["mean"] < 1
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_10_tarflow_digits(tmp_path):
     r = _run("10_tarflow_digits", tmp_path)
     # quick mode (4 epochs, tiny flows): both under the uniform 17-level baseline (4.09);
@@ -141,6 +152,7 @@ def test_10_tarflow_digits(tmp_path):
     assert r["jacobi_vs_sequential"] < 1e-3
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_11_variational_invnet_and_flowjax(tmp_path):
     # flowjax's own code is not strict-promotion clean: the example runs under standard
     r = _run("11_variational", tmp_path, USER_CODE_PROMOTES)
@@ -154,6 +166,7 @@ def test_11_variational_invnet_and_flowjax(tmp_path):
         assert abs(r[f"{target}|invnet"]["log_z_error"]) < 1.5
 
 
+@pytest.mark.extended  # an example's quick run: 10-50 s
 def test_12_inverse_kinematics_posterior_beats_the_prior(tmp_path):
     r = _run("12_inverse_kinematics", tmp_path)
     # quick mode (3 blocks, 15 epochs on 4000 poses; observed Err_resim 0.18 affine, 0.15

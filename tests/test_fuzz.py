@@ -20,6 +20,9 @@ from registry import perturb
 
 import invnet
 
+pytestmark = pytest.mark.extended  # hypothesis at every magnitude: long
+
+
 KINDS = ["lu", "leaky", "affine", "affine_cond", "additive", "permute", "actnorm"]
 
 

@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,8 @@ from registry import CASES, DIM, perturb
 
 import invnet
 from invnet.walk import layers
+
+pytestmark = pytest.mark.extended  # hypothesis over every layer: minutes of compiles
 
 VECTOR_CASES = [c for c in CASES if c.event_shape == (DIM,) and not c.cond_dim]
 

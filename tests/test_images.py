@@ -8,6 +8,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import invnet
@@ -31,6 +32,7 @@ def test_logit_on_pixels_log_det_and_round_trip():
     np.testing.assert_allclose(float(ild), -float(ld), atol=1e-12)
 
 
+@pytest.mark.extended  # ~15 s
 def test_glow_compile_and_save_load_match_eager():
     flow, x = _glow()
     z, ld = flow.forward(x)
@@ -45,12 +47,14 @@ def test_glow_compile_and_save_load_match_eager():
     assert bool(jnp.array_equal(loaded.forward(x)[0], z))
 
 
+@pytest.mark.extended  # ~11 s
 def test_glow_trains_with_fit():
     flow, x = _glow()
     history = invnet.fit(flow, x, epochs=2, batch_size=4)
     assert np.all(np.isfinite(history.train_loss))
 
 
+@pytest.mark.extended  # ~35 s
 def test_reversible_and_verify_on_a_glow():
     """Reversible backprop and verify on image events (log-det of the batch shape)."""
     glow = invnet.glow((4, 4, 1), levels=2, steps=1, hidden=8, rngs=nnx.Rngs(0))

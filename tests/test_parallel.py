@@ -83,6 +83,7 @@ def four_devices():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.extended  # 4 devices in a subprocess: ~10 s
 def test_four_devices_match_one_device(four_devices):
     r = four_devices
     # Same data order and keys; only the order of the float32 sums differs (each device sums

@@ -73,6 +73,7 @@ def test_bits_per_dim_accounts_for_the_scale_of_the_flows_input():
     assert averaged.shape == (32,) and bool(jnp.all(jnp.isfinite(averaged)))
 
 
+@pytest.mark.extended  # ~9 s
 def test_a_fitted_flow_beats_the_uniform_model_on_structured_pixels():
     """Pixels near 0 or 15 (like digits; entropy 1.92 bits per value): a short fit of a
     spline flow must beat the uniform model's log2(16) = 4 by a clear margin."""

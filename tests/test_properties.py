@@ -5,12 +5,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from registry import perturb
 
 import invnet
+
+pytestmark = pytest.mark.extended  # hypothesis stacks: long
+
 
 SETTINGS = settings(max_examples=8, deadline=None)
 batch_shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)

@@ -92,6 +92,7 @@ def test_inside_user_transformations_it_traces_as_written():
     assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.extended  # op by op: ~15 s
 def test_under_jax_disable_jit_it_runs_as_written():
     model, (x, c) = _model(), _data()
     want = model.forward(x, cond=c)

@@ -235,7 +235,10 @@ def test_scoped_conv_is_corrected():
     assert one_err > 100 * err("tf32_corrected")  # one TF32 convolution: far worse
 
 
-@pytest.mark.parametrize("kind", ["affine", "spline", "maf", "conv"])
+@pytest.mark.parametrize(
+    "kind",
+    ["maf", *(pytest.param(k, marks=pytest.mark.extended) for k in ("affine", "spline", "conv"))],
+)
 def test_conditioners_follow_the_corrected_mode(kind, monkeypatch):
     """set_precision(model, "tf32_corrected") reaches the conditioners' products (3 tensor-
     core products each, emulated here), with float32-level results; an inner layer set back

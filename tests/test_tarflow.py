@@ -90,6 +90,7 @@ def test_too_low_a_cap_is_reported_unconverged_and_nan():
     assert bool(jnp.all(jnp.isnan(x_plain))) and bool(jnp.all(jnp.isnan(ld_plain)))
 
 
+@pytest.mark.extended  # ~30 s (the default run keeps the certificate test)
 def test_verify_fails_naming_the_unconverged_layer():
     model = invnet.Sequential(_block(), _block(reverse=True, inverse_method="jacobi", max_sweeps=2))
     x, _ = _data(n=16)
