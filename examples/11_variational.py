@@ -126,8 +126,15 @@ def main(argv: list[str] | None = None) -> dict:
         (2, (16, 16), 60, 64, 2000) if args.quick else (6, (64, 64), 1500, 256, 20_000)
     )
     results, samples = {}, {}
+    libraries = [("invnet", fit_invnet)]
+    try:
+        import flowjax  # noqa: F401 - the peer is optional: pip install -e ".[peers]"
+    except ImportError:
+        print("flowjax is not installed (pip install -e '.[peers]'): invnet alone")
+    else:
+        libraries.append(("flowjax", fit_flowjax))
     for name, (target, dim, log_z) in TARGETS.items():
-        for lib, fit in (("invnet", fit_invnet), ("flowjax", fit_flowjax)):
+        for lib, fit in libraries:
             est, seconds, xs = fit(target, dim, layers, hidden, steps, batch, args.seed, n_est)
             results[(name, lib)] = {**est, "seconds": seconds, "log_z_error": est["log_z"] - log_z}
             samples[(name, lib)] = xs
@@ -144,9 +151,10 @@ def _plot(samples, out: Path):
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(8, 8))
+    libs = [lib for lib in ("invnet", "flowjax") if any(k[1] == lib for k in samples)]
+    fig, axes = plt.subplots(len(libs), 2, figsize=(8, 4 * len(libs)), squeeze=False)
     for col, name in enumerate(TARGETS):
-        for row, lib in enumerate(("invnet", "flowjax")):
+        for row, lib in enumerate(libs):
             ax, xs = axes[row, col], samples[(name, lib)]
             ax.plot(xs[:, 0], xs[:, 1], ".", ms=1.5, alpha=0.4)
             if col == 1:
