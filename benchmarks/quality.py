@@ -232,7 +232,7 @@ def fit_invnet(family, train, test, *, tx, epochs, patience, cfg=None, seed=0):
     flow = invnet_model(family, train.shape[1], cfg, seed)
     history = invnet.fit(
         flow, train, optimizer=tx, epochs=epochs, batch_size=_batch(len(train)),
-        val_fraction=VAL, patience=patience, progress=False, key=seed,
+        validation=VAL, early_stopping=patience, progress=False, key=seed,
     )  # fmt: skip
     return _finish(flow, flow.log_prob, test, start, len(history.train_loss))
 

@@ -91,8 +91,8 @@ def run_invnet(kind, train, test, epochs, lr):
     flow = invnet_flow(kind, train.shape[1])
     start = time.perf_counter()
     history = invnet.fit(
-        flow, train, learning_rate=lr, epochs=epochs, batch_size=BATCH, val_fraction=VAL,
-        patience=PATIENCE, progress=False, key=0,
+        flow, train, learning_rate=lr, epochs=epochs, batch_size=BATCH, validation=VAL,
+        early_stopping=PATIENCE, progress=False, key=0,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     n_epochs = len(history.train_loss)

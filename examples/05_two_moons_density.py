@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     history = invnet.fit(
         flow,
         x,
-        val_fraction=0.2,
+        validation=0.2,
         epochs=epochs,
         batch_size=256,
         optimizer=optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1), alpha=0.05)),
-        patience=40,
+        early_stopping=40,
         progress=not args.quick,
     )
     print(

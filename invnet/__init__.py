@@ -62,7 +62,7 @@ from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
 from invnet.revprop import Reversible, reversible
 from invnet.tarflow import NoisyMaximumLikelihood, tarflow, tarflow_denoise
-from invnet.train import History, NonFiniteStepWarning, fit
+from invnet.train import Checkpoints, EarlyStopping, History, NonFiniteStepWarning, fit
 from invnet.training.compile_cache import enable_compilation_cache
 from invnet.variational import (
     VariationalHistory,
@@ -116,6 +116,8 @@ __all__ = [
     "effective_sample_size",
     "VariationalHistory",
     "fit",
+    "EarlyStopping",
+    "Checkpoints",
     "History",
     "NonFiniteStepWarning",
     "MaximumLikelihood",

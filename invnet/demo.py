@@ -113,7 +113,7 @@ def _train(args: argparse.Namespace):
     history = fit(
         flow,
         x_train,
-        val_data={"x": x_val},
+        validation={"x": x_val},
         epochs=epochs,
         batch_size=128,
         optimizer=optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1), alpha=0.05)),

@@ -106,7 +106,7 @@ class Checkpoint:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"invnet.fit: {path} is not a resumable fit checkpoint (no training state "
-                f"version {STATE_VERSION}); write one with invnet.fit(..., checkpoint_dir=...)"
+                f"version {STATE_VERSION}); write one with invnet.fit(..., checkpoints=...)"
             )
         required = {"next_epoch": int, "bad_epochs": int, "has_best": bool, "key_impl": str}
         for name, kind in required.items():

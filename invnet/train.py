@@ -65,13 +65,15 @@ from invnet import resume
 from invnet.core import Bijector, nodes
 from invnet.io import save
 from invnet.layers.norm import data_init
-from invnet.training import checkpoints, data, epoch
+from invnet.training import checkpoints as _ckpt
+from invnet.training import data, epoch, interrupts, options
 from invnet.training.decision import end_epoch
+from invnet.training.options import Checkpoints, EarlyStopping
 from invnet.training.placement import _MeshPlacement, _Placement, _placement
 from invnet.training.progress import Progress
 from invnet.training.state import History, NonFiniteStepWarning, TrainState
 
-__all__ = ["fit", "History", "NonFiniteStepWarning"]
+__all__ = ["fit", "History", "NonFiniteStepWarning", "EarlyStopping", "Checkpoints"]
 _ = (_Placement, _MeshPlacement, _placement)  # re-exported for tests and tools
 
 
@@ -82,25 +84,21 @@ def fit(
     *,
     cond=None,
     objective: Callable | None = None,
-    val_data: dict | None = None,
-    val_fraction: float = 0.0,
     optimizer: optax.GradientTransformation | None = None,
     learning_rate: float = 1e-3,
     epochs: int = 100,
     batch_size: int = 128,
     shuffle: bool = True,
     key: jax.Array | int | None = 0,
-    patience: int | None = None,
-    min_delta: float = 0.0,
-    restore_best: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    save_best: bool = False,
+    validation: float | dict | None = None,
+    early_stopping: int | EarlyStopping | None = None,
+    checkpoints: str | os.PathLike | Checkpoints | None = None,
     resume_from: str | os.PathLike | None = None,
     mesh: Mesh | str | None = None,
     on_nonfinite: str = "skip",
     progress: bool = True,
     eval_batch_size: int = 4096,
+    **renamed,
 ) -> History:
     r"""Train ``model`` in place with optax; returns the `History`.
 
@@ -116,8 +114,6 @@ def fit(
             model structure and reused by later calls with the same objective object: a
             Python value it reads from outside is fixed at that trace, as under
             ``jax.jit`` (`invnet.training.epoch.clear_cache` forgets the traces).
-        val_data: ``{"x": ..., "y": ..., "cond": ...}`` (only the keys the job uses), or
-            ``val_fraction`` of the training rows held out (drawn with ``key``).
         optimizer: an optax transformation (``optax.adam(1e-3)``, not ``optax.adam``);
             default ``optax.adam(learning_rate)`` with the rate kept in its state, so a
             new ``learning_rate`` reuses the compiled step. The compiled step is reused by
@@ -131,14 +127,20 @@ def fit(
             wait for the next epoch); ``batch_size > n`` is a ``ValueError``.
             ``epochs`` is the total, counting the epochs of a resumed run.
         key: int seed or PRNG key: the split, the shuffles and the per-step keys.
-        patience, min_delta: stop after ``patience`` epochs without the monitored loss
-            (validation, else training) falling by more than ``min_delta``.
-        restore_best: with validation data, leave the model at its best-validation
-            parameters rather than the last ones.
-        checkpoint_dir, checkpoint_every, save_best: write ``epoch_NNNN.invnet`` every
-            ``checkpoint_every`` epochs, ``best.invnet`` whenever the monitored loss
-            improves, and ``last.invnet`` at the end (all with `invnet.save`; metadata
-            holds epoch and losses, and each file can be resumed from).
+        validation: a fraction of the training rows to hold out (``0.1``, drawn with
+            ``key``), or held-out arrays ``{"x": ..., "y": ..., "cond": ...}`` (only the
+            keys the job uses). Its loss is reported each epoch and monitored for early
+            stopping and ``best.invnet``.
+        early_stopping: ``patience`` (an int: stop after that many epochs without the
+            monitored loss, validation else training, improving) or an
+            `invnet.EarlyStopping` (``patience``, ``min_delta``, ``restore_best``). By
+            default training runs all ``epochs`` and, with validation data, the model is
+            left at its best-validation parameters (``restore_best=True``).
+        checkpoints: a directory, or an `invnet.Checkpoints` (``directory``, ``every``,
+            ``save_best``): ``last.invnet`` at the end, ``epoch_NNNN.invnet`` every
+            ``every`` epochs, ``best.invnet`` whenever the monitored loss improves (all
+            with `invnet.save`; metadata holds epoch and losses, and each file can be
+            resumed from).
         resume_from: a checkpoint written by `fit`: continue that run. Pass the arguments
             of the original call (same model architecture, data, key, batch size, shuffle,
             kind of optimizer); parameters, buffers, optimizer state, keys, epoch counter,
@@ -158,9 +160,12 @@ def fit(
             "compiling... Ns" while the first step compiles, then shows the compile time
             (also in `History.compile_seconds`).
         eval_batch_size: validation runs in chunks of this many rows.
+        **renamed: the keyword names before the grouping (``val_data``, ``val_fraction``,
+            ``patience``, ``min_delta``, ``restore_best``, ``checkpoint_dir``,
+            ``checkpoint_every``, ``save_best``) still work, with a ``DeprecationWarning``.
 
     Ctrl-C (``KeyboardInterrupt``) during training leaves the model at the parameters of
-    the last completed step, writes ``last.invnet`` first when ``checkpoint_dir`` is set
+    the last completed step, writes ``last.invnet`` first when ``checkpoints`` is set
     (resumable; the interrupted epoch's data order is replayed), and re-raises with the
     `History` as the exception's ``history`` (``stop_reason == "interrupted"``).
 
@@ -178,13 +183,15 @@ def fit(
     """
     _check_arguments(model, optimizer, on_nonfinite, epochs, batch_size, learning_rate,
                      eval_batch_size)  # fmt: skip
+    opts = options.resolve(validation, early_stopping, checkpoints, renamed)
     clock = _Clock()
     placement = _placement(mesh)
     prepared = data.prepare(
-        model, x, y, cond, objective=objective, val_data=val_data, val_fraction=val_fraction,
-        batch_size=batch_size, key=key, devices=placement.devices,
+        model, x, y, cond, objective=objective, val_data=opts.val_data,
+        val_fraction=opts.val_fraction, batch_size=batch_size, key=key,
+        devices=placement.devices,
     )  # fmt: skip
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_dir = opts.checkpoint_dir
     run = _run_info(prepared, shuffle, ckpt_dir is not None or resume_from is not None)
     ckpt = _open_checkpoint(resume_from, model, run)
     _initialise_from_data(model, prepared.train, eval_batch_size)
@@ -201,40 +208,51 @@ def fit(
         _write_checkpoint(ckpt_dir / name, model, state, model_params, run, placement, clock())
 
     shown = Progress(range(state.next_epoch, epochs), state.history, enabled=progress)
-    try:
-        for _ in shown:
-            t_epoch = time.perf_counter()
-            losses, finite, val_loss = epochs_run.run(state, on_compile=shown.compiling)
-            end = end_epoch(state, losses, finite, val_loss, on_nonfinite=on_nonfinite,
-                            patience=patience, min_delta=min_delta)  # fmt: skip
-            if end.nonfinite and on_nonfinite == "raise":
-                nnx.update(model, placement.host(state.params))
-                raise FloatingPointError(end.nonfinite)
-            if end.nonfinite:
-                warnings.warn(end.nonfinite, NonFiniteStepWarning, stacklevel=2)
-            state.history.epoch_seconds.append(time.perf_counter() - t_epoch)
-            if ckpt_dir is not None and save_best and end.improved:
-                write("best.invnet", state.params)
-            periodic = checkpoint_every and state.next_epoch % checkpoint_every == 0
-            if ckpt_dir is not None and periodic:
-                write(f"epoch_{state.next_epoch:04d}.invnet", state.params)
-            shown.epoch_done()
-            if end.stop:
-                break
-    except (epoch.Interrupted, KeyboardInterrupt) as stopped:
-        shown.close()
-        _keep_interrupted_work(stopped, model, state, placement, write if ckpt_dir else None,
-                               clock)  # fmt: skip
+    with interrupts.Guard() as guard:
+        try:
+            for _ in shown:
+                t_epoch = time.perf_counter()
+                losses, finite, val_loss = epochs_run.run(state, shown.compiling, guard)
+                end = end_epoch(state, losses, finite, val_loss, on_nonfinite=on_nonfinite,
+                                patience=opts.stopping.patience,
+                                min_delta=opts.stopping.min_delta)  # fmt: skip
+                if end.nonfinite and on_nonfinite == "raise":
+                    nnx.update(model, placement.host(state.params))
+                    raise FloatingPointError(end.nonfinite)
+                if end.nonfinite:
+                    warnings.warn(end.nonfinite, NonFiniteStepWarning, stacklevel=2)
+                state.history.epoch_seconds.append(time.perf_counter() - t_epoch)
+                _epoch_checkpoints(write, opts.checkpoints, state.next_epoch, end.improved,
+                                   state.params)  # fmt: skip
+                guard.settle()  # the epoch is recorded: a Ctrl-C held meanwhile lands now
+                shown.epoch_done()
+                if end.stop:
+                    break
+        except (epoch.Interrupted, KeyboardInterrupt) as stopped:
+            shown.close()
+            _keep_interrupted_work(stopped, model, state, placement,
+                                   write if ckpt_dir else None, clock)  # fmt: skip
     shown.close()
 
     final = state.params
-    if restore_best and state.history.val_loss and state.best is not None:
+    if opts.stopping.restore_best and state.history.val_loss and state.best is not None:
         final = state.best
     if ckpt_dir is not None:
         write("last.invnet", final)
     nnx.update(model, placement.host(final))
     state.history.seconds = clock()
     return state.history
+
+
+def _epoch_checkpoints(write, every_and_best, epoch_done: int, improved: bool, params) -> None:
+    """``best.invnet`` when the monitored loss improved (``save_best``) and
+    ``epoch_NNNN.invnet`` every ``every`` epochs, after epoch ``epoch_done``."""
+    if every_and_best is None:
+        return
+    if every_and_best.save_best and improved:
+        write("best.invnet", params)
+    if every_and_best.every and epoch_done % every_and_best.every == 0:
+        write(f"epoch_{epoch_done:04d}.invnet", params)
 
 
 def _start(params, rest, optimizer, learning_rate, key, ckpt):
@@ -369,7 +387,7 @@ def _check_learning_rate(learning_rate) -> None:
 def _run_info(prepared: data.TrainingData, shuffle: bool, fingerprint: bool):
     """What a checkpoint of this run records (the data's sha256 only when it is needed)."""
     sha256 = resume.fingerprint(prepared.train, prepared.val) if fingerprint else None
-    return checkpoints.RunInfo(prepared.batch_size, shuffle, prepared.n_train, sha256)
+    return _ckpt.RunInfo(prepared.batch_size, shuffle, prepared.n_train, sha256)
 
 
 def _initialise_from_data(model: Bijector, train: dict, rows: int) -> None:
@@ -379,7 +397,7 @@ def _initialise_from_data(model: Bijector, train: dict, rows: int) -> None:
         data_init(model, head["x"], cond=head.get("cond"))
 
 
-def _open_checkpoint(resume_from, model: Bijector, run: checkpoints.RunInfo):
+def _open_checkpoint(resume_from, model: Bijector, run: _ckpt.RunInfo):
     """The checkpoint to resume from, checked against this run; the model takes its
     parameters and buffers. ``None`` without ``resume_from``."""
     if resume_from is None:
@@ -402,5 +420,5 @@ def _write_checkpoint(
     state.history.seconds = seconds
     if str(path) not in state.history.checkpoints:
         state.history.checkpoints.append(str(path))
-    meta, extra = checkpoints.contents(state, model_params, run, placement)
+    meta, extra = _ckpt.contents(state, model_params, run, placement)
     save(model, path, metadata=meta, extra_arrays=extra)

@@ -51,7 +51,7 @@ def test_batch_size_larger_than_the_data_is_an_error():
     with pytest.raises(ValueError, match="batch_size 64 is larger than the 32 training rows"):
         invnet.fit(_tiny_flow(), moons(32, seed=0), batch_size=64, progress=False)
     with pytest.raises(ValueError, match="larger than the 24 training rows"):  # after the split
-        invnet.fit(_tiny_flow(), moons(32, seed=0), batch_size=32, val_fraction=0.25,
+        invnet.fit(_tiny_flow(), moons(32, seed=0), batch_size=32, validation=0.25,
                    progress=False)  # fmt: skip
 
 
@@ -92,7 +92,7 @@ def test_a_second_fit_of_the_same_structure_reuses_the_compiled_epoch():
         return -jnp.mean(model.log_prob(batch["x"]))
 
     x, x_val = moons(64, seed=0), moons(16, seed=1)
-    kw = dict(objective=objective, val_data={"x": x_val}, epochs=1, batch_size=16, progress=False)
+    kw = dict(objective=objective, validation={"x": x_val}, epochs=1, batch_size=16, progress=False)
     invnet.fit(_tiny_flow(), x, **kw)
     first = len(traces)
     assert first > 0
@@ -107,3 +107,54 @@ def test_a_second_fit_of_the_same_structure_reuses_the_compiled_epoch():
     wider = invnet.Flow(invnet.AffineCoupling(2, hidden=(4,), rngs=nnx.Rngs(0)))
     invnet.fit(wider, x, **kw)
     assert len(traces) > again
+
+
+def test_grouped_options_and_the_old_names_train_the_same(tmp_path):
+    x = moons(64, seed=0)
+    common = dict(epochs=6, batch_size=16, learning_rate=1e-2, progress=False)
+    new_flow = _tiny_flow()
+    new = invnet.fit(
+        new_flow,
+        x,
+        validation=0.25,
+        early_stopping=invnet.EarlyStopping(patience=2, min_delta=1e-4),
+        checkpoints=invnet.Checkpoints(tmp_path / "new", every=3),
+        **common,
+    )
+    old_flow = _tiny_flow()
+    with pytest.warns(DeprecationWarning, match=r"patience= is now early_stopping=<patience>"):
+        old = invnet.fit(
+            old_flow,
+            x,
+            val_fraction=0.25,
+            patience=2,
+            min_delta=1e-4,
+            checkpoint_dir=tmp_path / "old",
+            checkpoint_every=3,
+            **common,
+        )
+    assert new.train_loss == old.train_loss and new.val_loss == old.val_loss
+    assert [p.rsplit("/", 1)[-1] for p in new.checkpoints] == [
+        p.rsplit("/", 1)[-1] for p in old.checkpoints]  # fmt: skip
+    for a, b in zip(_params(new_flow), _params(old_flow), strict=True):
+        np.testing.assert_array_equal(a, b)
+    short = invnet.fit(_tiny_flow(), x, validation=0.25, early_stopping=2,
+                       checkpoints=tmp_path / "short", **common)  # fmt: skip
+    assert short.val_loss == new.val_loss
+    assert short.checkpoints == [str(tmp_path / "short" / "last.invnet")]
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(validation=1.5), ValueError, r"validation=1.5: a fraction must be in \[0, 1\)"),
+        (dict(validation="x"), TypeError, "validation must be a fraction"),
+        (dict(early_stopping=0), ValueError, "patience must be an int >= 1"),
+        (dict(early_stopping=2.5), TypeError, "patience must be an int"),
+        (dict(checkpoints=3), TypeError, "directory must be a path"),
+        (dict(patience_epochs=3), TypeError, "unexpected keyword argument.*patience_epochs"),
+    ],
+)
+def test_grouped_options_refuse_what_they_cannot_mean(kw, error, match):
+    with pytest.raises(error, match=match):
+        invnet.fit(_tiny_flow(), moons(32, seed=0), epochs=1, batch_size=16, progress=False, **kw)

@@ -124,7 +124,7 @@ def test_a_real_sigint_writes_last_first(tmp_path):
     start = _params(flow)
     with pytest.raises(KeyboardInterrupt) as info:
         invnet.fit(flow, x, objective=objective, epochs=10_000, batch_size=16,
-                   learning_rate=1e-2, checkpoint_dir=tmp_path, progress=False)  # fmt: skip
+                   learning_rate=1e-2, checkpoints=tmp_path, progress=False)  # fmt: skip
     history = info.value.history
     assert history.stop_reason == "interrupted" and history.steps >= 8
     assert history.checkpoints == [str(tmp_path / "last.invnet")]
@@ -171,3 +171,29 @@ def test_numpy_integers_are_whole_numbers():
     history = invnet.fit(_tiny_flow(), moons(32, seed=0), epochs=np.int64(1),
                          batch_size=np.int32(16), progress=False)  # fmt: skip
     assert history.steps == 2
+
+
+def test_ctrl_c_right_after_an_epochs_last_step_still_records_that_epoch(monkeypatch):
+    """An interrupt between an epoch's last step and its bookkeeping used to leave the model
+    one epoch ahead of its history (and a resume would replay that epoch)."""
+    import _thread
+
+    from invnet.training import epoch
+
+    original, calls = epoch.Epochs.run, [0]
+
+    def run(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            _thread.interrupt_main()
+            sum(range(10_000))  # Python runs on: the interrupt lands here, after the steps
+        return out
+
+    monkeypatch.setattr(epoch.Epochs, "run", run)
+    flow, x = _tiny_flow(), moons(64, seed=0)
+    with pytest.raises(KeyboardInterrupt) as info:
+        invnet.fit(flow, x, epochs=5, batch_size=16, learning_rate=1e-2, progress=False)
+    history = info.value.history
+    assert (history.epochs, history.steps, len(history.train_loss)) == (2, 8, 2)
+    assert history.stop_reason == "interrupted"

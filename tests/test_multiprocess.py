@@ -52,16 +52,16 @@ CHILD = textwrap.dedent(
 
     out = Path(out)
     x = moons(320, seed=0)
-    kw = dict(val_fraction=0.2, epochs=%(epochs)d, batch_size=64, key=1, learning_rate=1e-2,
-              mesh="all", checkpoint_every=1, progress=False)
+    kw = dict(validation=0.2, epochs=%(epochs)d, batch_size=64, key=1, learning_rate=1e-2,
+              mesh="all", progress=False)
     params = lambda f: [np.asarray(a).tolist() for a in jax.tree.leaves(nnx.state(f, nnx.Param))]
 
     flow = build_flow(blocks=2, hidden=16, seed=0)
-    full = invnet.fit(flow, x, checkpoint_dir=out / "ckpt", **kw)
+    full = invnet.fit(flow, x, checkpoints=invnet.Checkpoints(out / "ckpt", every=1), **kw)
     if processes > 1:  # process 0 has written every file before anyone reads one
         multihost_utils.sync_global_devices("checkpoints written")
     fresh = build_flow(blocks=2, hidden=16, seed=5)
-    resumed = invnet.fit(fresh, x, checkpoint_dir=out / "resumed",
+    resumed = invnet.fit(fresh, x, checkpoints=invnet.Checkpoints(out / "resumed", every=1),
                          resume_from=out / "ckpt" / "epoch_0002.invnet", **kw)
     (out / f"result_{process_id}.json").write_text(json.dumps({
         "process_index": jax.process_index(),

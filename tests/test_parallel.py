@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
 
     def run(mesh):
         flow = build_flow(blocks=2, hidden=16, seed=0)
-        h = invnet.fit(flow, x, val_data={"x": x_val}, objective=spy, epochs=5,
+        h = invnet.fit(flow, x, validation={"x": x_val}, objective=spy, epochs=5,
                        batch_size=64, learning_rate=1e-2, key=1, mesh=mesh, progress=False)
         return flow, h
 

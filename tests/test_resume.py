@@ -50,8 +50,8 @@ def _comparable(history):
 
 def _run(model, tmp, **kw):
     args = dict(
-        val_fraction=0.25, epochs=EPOCHS, batch_size=16, key=3, learning_rate=3e-2,
-        checkpoint_dir=tmp, checkpoint_every=1, save_best=True, progress=False,
+        validation=0.25, epochs=EPOCHS, batch_size=16, key=3, learning_rate=3e-2,
+        checkpoints=invnet.Checkpoints(tmp, every=1, save_best=True), progress=False,
         optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-2)),
     )  # fmt: skip
     args.update(kw)
@@ -118,7 +118,7 @@ def test_resume_refuses_a_different_run(uninterrupted, tmp_path):
     _, _, full_dir = uninterrupted
     path = full_dir / "epoch_0002.invnet"
     with pytest.raises(ValueError, match="other training/validation data"):
-        invnet.fit(_flow(), moons(96, seed=5), val_fraction=0.25, batch_size=16, key=3,
+        invnet.fit(_flow(), moons(96, seed=5), validation=0.25, batch_size=16, key=3,
                    resume_from=path, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="batch_size"):
         _run(_flow(), tmp_path, batch_size=8, resume_from=path)

@@ -24,8 +24,8 @@ def test_twenty_thousand_steps_without_a_nonfinite_step(tmp_path):
     x_val = moons(2048, seed=1)
     flow = build_flow(blocks=8, hidden=64, seed=0)
     history = invnet.fit(
-        flow, x, val_data={"x": x_val}, epochs=EPOCHS, batch_size=BATCH, learning_rate=2e-3,
-        checkpoint_dir=tmp_path, checkpoint_every=25, progress=False,
+        flow, x, validation={"x": x_val}, epochs=EPOCHS, batch_size=BATCH, learning_rate=2e-3,
+        checkpoints=invnet.Checkpoints(tmp_path, every=25), progress=False,
     )  # fmt: skip
     print(
         f"\nsoak: {history.steps} steps in {history.seconds:.1f} s; non-finite steps "

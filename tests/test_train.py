@@ -23,7 +23,7 @@ def trained_moons():
     x, x_val = moons(1024, seed=0), moons(512, seed=1)
     flow = build_flow(blocks=4, hidden=32, seed=0)
     history = invnet.fit(
-        flow, x, val_data={"x": x_val}, epochs=40, batch_size=128, learning_rate=5e-3,
+        flow, x, validation={"x": x_val}, epochs=40, batch_size=128, learning_rate=5e-3,
         progress=False,
     )  # fmt: skip
     return flow, history, x_val
@@ -180,8 +180,9 @@ def test_early_stopping_and_checkpoints(tmp_path):
     flow = _tiny_flow()
     x = moons(64, seed=0)
     history = invnet.fit(
-        flow, x, val_data={"x": moons(32, seed=1)}, optimizer=optax.sgd(0.0), epochs=10,
-        batch_size=32, patience=2, checkpoint_dir=tmp_path, checkpoint_every=1, save_best=True,
+        flow, x, validation={"x": moons(32, seed=1)}, optimizer=optax.sgd(0.0), epochs=10,
+        batch_size=32, early_stopping=2,
+        checkpoints=invnet.Checkpoints(tmp_path, every=1, save_best=True),
         progress=False,
     )  # fmt: skip
     # with a zero learning rate the loss never improves after epoch 0

@@ -210,13 +210,16 @@ class Epochs:
         self.evaluate = eval_fn(graphdef, objective)
         self.first_call_seconds: float | None = None  # trace + compile (+ dispatch)
 
-    def run(self, state, on_compile: Callable | None = None):
+    def run(self, state, on_compile: Callable | None = None, guard=None):
         """One epoch on ``state`` (its key, parameters and optimizer state move on);
         returns the steps' losses, whether each was finite, and the validation loss.
 
         ``on_compile(True)`` is called before the first step of the first epoch (which
         compiles, unless cached), ``on_compile(False)`` after it. A ``KeyboardInterrupt``
-        between steps becomes `Interrupted`, with ``state`` at the last completed step."""
+        between steps becomes `Interrupted`, with ``state`` at the last completed step.
+        With a ``guard`` (`invnet.training.interrupts.Guard`), an interrupt arriving after
+        the epoch's last step is held until ``guard.settle()``, once the caller has
+        recorded the epoch."""
         p, placement = self.prepared, self.placement
         epoch_key = state.key
         state.key, order, keys = draw_epoch(
@@ -238,6 +241,8 @@ class Epochs:
             losses, finite = self._host(outs)  # waits for the steps: a Ctrl-C may land here
             self._take(state, defs, outs)
             val_loss = self._validation_loss(state.params, state.rest)
+            if guard is not None:  # from here until the epoch is recorded, Ctrl-C waits
+                guard.critical()
         except (KeyboardInterrupt, jax.errors.JaxRuntimeError) as err:
             if not _is_interrupt(err):
                 raise
