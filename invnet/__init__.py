@@ -60,7 +60,8 @@ from invnet.layers import (
 from invnet.objectives import InverseProblem, MaximumLikelihood, Regression, mmd, sample_posterior
 from invnet.parallel import data_mesh, replicate, shard_batch
 from invnet.pixel_data import bits_per_dim, dequantize
-from invnet.revprop import Reversible, reversible
+from invnet.revprop import Reversible as Reversible  # the class behind reversible(); not in __all__
+from invnet.revprop import reversible
 from invnet.tarflow import NoisyMaximumLikelihood, tarflow, tarflow_denoise
 from invnet.train import Checkpoints, EarlyStopping, History, NonFiniteStepWarning, fit
 from invnet.training.compile_cache import enable_compilation_cache
@@ -135,7 +136,6 @@ __all__ = [
     "PureFunctions",
     "LU_INVERSE_METHODS",
     "reversible",
-    "Reversible",
     "Tanh",
     "Sigmoid",
     "SplineCoupling",
@@ -163,3 +163,9 @@ __all__ = [
     "tarflow_denoise",
     "enable_compilation_cache",
 ]
+
+
+def __dir__():
+    """The public names only: the implementation modules (``invnet.core``, ``invnet.walk``,
+    ...) stay importable for tools and tests, but tab completion shows what users call."""
+    return sorted(__all__)

@@ -38,7 +38,7 @@ class Elementwise(Bijector):
 
 class Delegate(Bijector):
     """Base of wrappers that run one inner bijector as it is (`invnet.Flow`,
-    `invnet.Reversible`): events, hooks and the chain come from the inner one."""
+    `invnet.reversible`): events, hooks and the chain come from the inner one."""
 
     def inner(self) -> Bijector:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -68,8 +68,9 @@ def saliency(
     gradient of one unit, shape ``(..., D)`` (the classic saliency map: which input
     features move that unit); a sequence of ``n`` units gives ``(..., n, D)``; ``None``
     gives the full Jacobian ``(..., D_out, D)``. Computed with ``jax.jacrev`` when fewer units
-    than inputs are asked for (or the model holds a `Reversible`), else ``jax.jacfwd`` (the
-    same numbers, the cheaper mode), ``vmap``-ed over the batch and jit-compiled.
+    than inputs are asked for (or the model holds an `invnet.reversible` wrapper), else
+    ``jax.jacfwd`` (the same numbers, the cheaper mode), ``vmap``-ed over the batch and
+    jit-compiled.
 
     Events of any rank: for a model on images ``(..., H, W, C)`` each map has the image's
     shape (``output=k`` gives ``(..., H, W, C)``: which pixels move unit ``k``), units count

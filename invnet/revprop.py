@@ -263,5 +263,12 @@ class Reversible(Delegate):
 def reversible(model: Bijector, *, scan: str | bool = False) -> Reversible:
     """Wrap ``model`` so its gradients are computed by reversible backprop (no stored
     activations). Train the returned module like the model itself (it shares its
-    parameters): ``nnx.grad(loss)(rev)``, ``nnx.Optimizer(rev, tx, wrt=nnx.Param)``."""
+    parameters): ``nnx.grad(loss)(rev)``, ``nnx.Optimizer(rev, tx, wrt=nnx.Param)``.
+
+    The blocks recomputed one at a time are the steps of the model's top-level chain (the
+    layers of a `Sequential`); group layers in a nested `Sequential` to recompute them
+    together. ``scan=True`` runs blocks that share one structure as a ``lax.scan`` (flat
+    compile time, +2x parameter bytes of temp memory), ``"auto"`` does so when they do, and
+    ``False`` (default) unrolls them (flat activation memory). The returned module is a
+    ``invnet.revprop.Reversible``; it saves and loads like any model."""
     return Reversible(model, scan=scan)

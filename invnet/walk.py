@@ -94,7 +94,7 @@ def steps(model, name: str = "model", inverted: bool = False, at: tuple[int, ...
     """The steps of ``model`` in the order its ``forward`` applies them: every leaf layer, and
     the moves between the parts of multi-branch layers.
 
-    Chains (`Sequential`, `Inverse`, `invnet.Flow`, `invnet.Reversible`, ...) are opened
+    Chains (`Sequential`, `Inverse`, `invnet.Flow`, `invnet.reversible`, ...) are opened
     through their `Bijector.chain`, multi-branch layers (`invnet.FactorOut`) through their
     `Bijector.branches`; ``Inverse`` flips the direction and the order."""
     parts = model.chain()

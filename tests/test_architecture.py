@@ -87,3 +87,11 @@ def test_the_import_graph_has_no_cycle():
 def test_one_module_holds_the_execution_context():
     holders = [m for m in MODULES if "ContextVar(" in MODULES[m].read_text()]
     assert holders == ["invnet._context"], holders
+
+
+def test_the_package_shows_its_public_names_only():
+    import invnet
+
+    assert dir(invnet) == sorted(invnet.__all__)
+    assert "core" not in dir(invnet) and "fit" in dir(invnet)
+    assert "Reversible" not in invnet.__all__  # one name per concept: invnet.reversible
