@@ -68,29 +68,29 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _bench_inputs(args):
     from invnet.io import load
-    from invnet.verify_cli import _load_array, _Unusable
+    from invnet.verify_cli import Unusable, load_array
 
     try:
         model = load(args.path)
     except FileNotFoundError:
-        raise _Unusable(f"model file not found: {args.path}") from None
+        raise Unusable(f"model file not found: {args.path}") from None
     except (OSError, ValueError) as err:
-        raise _Unusable(str(err).replace("\n", " ")) from None
+        raise Unusable(str(err).replace("\n", " ")) from None
     cond = args.cond
     if cond is not None:
-        cond = int(cond) if cond.strip().isdigit() else _load_array(cond, "cond")
+        cond = int(cond) if cond.strip().isdigit() else load_array(cond, "cond")
     shape = None
     if args.shape is not None:
         try:
             shape = tuple(int(s) for s in args.shape.replace("x", ",").split(","))
         except ValueError:
-            raise _Unusable(f"--shape must be sizes like 64 or 8,8,3, got {args.shape!r}") from None
+            raise Unusable(f"--shape must be sizes like 64 or 8,8,3, got {args.shape!r}") from None
     return model, cond, shape
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from invnet.benchmarking import MODES, bench
-    from invnet.verify_cli import _Unusable
+    from invnet.verify_cli import Unusable
 
     try:
         model, cond, shape = _bench_inputs(args)
@@ -106,7 +106,7 @@ def run_bench(args: argparse.Namespace) -> int:
             modes=args.modes or MODES,
             seed=args.seed,
         )
-    except _Unusable as err:
+    except Unusable as err:
         return _bench_unusable(str(err), args.json)
     except (TypeError, ValueError) as err:
         return _bench_unusable(str(err).splitlines()[0], args.json)

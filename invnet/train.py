@@ -32,7 +32,7 @@ A Ctrl-C keeps the work: the model holds the last completed step's parameters,
 After each epoch (``decision``): the validation loss, the best parameters, early
 stopping; then checkpoints with `invnet.save` (``checkpoints``).
 
-Data parallelism is a placement question only: `_Placement` (``placement``) decides where
+Data parallelism is a placement question only: `Placement` (``placement``) decides where
 the training arrays and the state live. Without a mesh everything sits on the default
 device. With ``mesh=`` (see `invnet.data_mesh`) each batch is split along its batch axis
 over the mesh's ``"data"`` axis and the parameters, optimizer state and keys are
@@ -69,12 +69,11 @@ from invnet.training import checkpoints as _ckpt
 from invnet.training import data, epoch, interrupts, options
 from invnet.training.decision import end_epoch
 from invnet.training.options import Checkpoints, EarlyStopping
-from invnet.training.placement import _MeshPlacement, _Placement, _placement
+from invnet.training.placement import placement_for
 from invnet.training.progress import Progress
 from invnet.training.state import History, NonFiniteStepWarning, TrainState
 
 __all__ = ["fit", "History", "NonFiniteStepWarning", "EarlyStopping", "Checkpoints"]
-_ = (_Placement, _MeshPlacement, _placement)  # re-exported for tests and tools
 
 
 def fit(
@@ -185,7 +184,7 @@ def fit(
                      eval_batch_size)  # fmt: skip
     opts = options.resolve(validation, early_stopping, checkpoints, renamed)
     clock = _Clock()
-    placement = _placement(mesh)
+    placement = placement_for(mesh)
     prepared = data.prepare(
         model, x, y, cond, objective=objective, val_data=opts.val_data,
         val_fraction=opts.val_fraction, batch_size=batch_size, key=key,

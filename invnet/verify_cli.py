@@ -19,7 +19,7 @@ import sys
 __all__ = ["add_parser", "run"]
 
 
-class _Unusable(Exception):
+class Unusable(Exception):
     """Input that cannot be verified; the message is printed and the exit code is 2."""
 
 
@@ -67,32 +67,32 @@ def _read(path: str, what: str):
             try:
                 return np.loadtxt(path, delimiter=",", ndmin=2)
             except ValueError as err:
-                raise _Unusable(
+                raise Unusable(
                     f"{what} file {path} is read as CSV (comma-separated numbers, one sample "
                     f"per row, no header) but could not be parsed: {str(err).splitlines()[0]}"
                 ) from None
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise _Unusable(f"{what} file not found: {path}") from None
+        raise Unusable(f"{what} file not found: {path}") from None
     except ValueError:  # numpy's words here ("pickled data") would mislead
-        raise _Unusable(
+        raise Unusable(
             f"{what} file {path} is not a .npy array written by numpy.save; pass a .npy file "
             "or a .csv file (comma-separated numbers, one sample per row)"
         ) from None
     except OSError as err:
-        raise _Unusable(f"{what} file {path} cannot be read ({err})") from None
+        raise Unusable(f"{what} file {path} cannot be read ({err})") from None
 
 
-def _load_array(path: str, what: str):
+def load_array(path: str, what: str):
     import numpy as np
 
     arr = _read(path, what)
     if not isinstance(arr, np.ndarray):
-        raise _Unusable(f"{what} file {path} holds several arrays (.npz); save one with np.save")
+        raise Unusable(f"{what} file {path} holds several arrays (.npz); save one with np.save")
     if arr.dtype.kind in "iub":
         arr = arr.astype(np.float32)
     if arr.dtype.kind != "f":
-        raise _Unusable(f"{what} file {path} has dtype {arr.dtype}; expected real numbers")
+        raise Unusable(f"{what} file {path} has dtype {arr.dtype}; expected real numbers")
     return arr
 
 
@@ -114,9 +114,9 @@ def _load_model(path: str):
     try:
         return load(path)
     except FileNotFoundError:
-        raise _Unusable(f"model file not found: {path}") from None
+        raise Unusable(f"model file not found: {path}") from None
     except (OSError, ValueError) as err:
-        raise _Unusable(str(err).replace("\n", " ")) from None
+        raise Unusable(str(err).replace("\n", " ")) from None
 
 
 def _data(args, model):
@@ -128,39 +128,39 @@ def _data(args, model):
     pattern = model.event_pattern()
     if args.data is None:
         if any(s is None for s in pattern):
-            raise _Unusable(
+            raise Unusable(
                 "the model has no fixed input size (elementwise layers only); pass --data"
             )
         n = 256 if args.samples is None else args.samples
         return np.asarray(jax.random.normal(jax.random.key(args.seed), (n, *pattern)))
-    x = _load_array(args.data, "data")
+    x = load_array(args.data, "data")
     size = None if any(s is None for s in pattern) else math.prod(pattern)
     if len(pattern) > 1 and x.ndim == 2 and x.shape[1] == size:
         x = x.reshape(len(x), *pattern)  # flat rows (a CSV) of a model on rank-k events
     if x.ndim == len(pattern):
         x = x[None]  # one sample
     if x.shape[0] == 0:
-        raise _Unusable(f"data has no samples (shape {x.shape})")
+        raise Unusable(f"data has no samples (shape {x.shape})")
     return x if args.samples is None else x[: args.samples]
 
 
 def _cond(args, model, n: int):
     if not model.cond_dim:
         if args.cond is not None:
-            raise _Unusable(
+            raise Unusable(
                 "--cond was given but the model is not conditional (cond_dim=0); drop --cond, "
                 "or check that this is the conditional model you meant"
             )
         return None
     if args.cond is None:
-        raise _Unusable(
+        raise Unusable(
             f"the model is conditional (cond_dim={model.cond_dim}); pass --cond FILE.npy"
         )
-    cond = _load_array(args.cond, "cond")
+    cond = load_array(args.cond, "cond")
     if cond.ndim == 2 and cond.shape[1] == model.cond_dim and len(cond) > n:
         cond = cond[:n]
     if cond.shape != (model.cond_dim,) and cond.shape != (n, model.cond_dim):
-        raise _Unusable(
+        raise Unusable(
             f"cond has shape {cond.shape}; expected ({n}, {model.cond_dim}) or ({model.cond_dim},)"
         )
     return cond
@@ -169,7 +169,7 @@ def _cond(args, model, n: int):
 def _inputs(args):
     model = _load_model(args.path)
     if args.samples is not None and args.samples < 1:
-        raise _Unusable(f"--samples must be >= 1, got {args.samples}")
+        raise Unusable(f"--samples must be >= 1, got {args.samples}")
     float_type = _model_float_type(model)
     x = _data(args, model).astype(float_type)
     cond = _cond(args, model, len(x))
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             jacobian_samples=args.jacobian_samples,
             check_float64=not args.no_float64,
         )
-    except _Unusable as err:
+    except Unusable as err:
         return _unusable(str(err), args.json)
     except (TypeError, ValueError) as err:
         return _unusable(str(err).splitlines()[0], args.json)

@@ -95,3 +95,18 @@ def test_the_package_shows_its_public_names_only():
     assert dir(invnet) == sorted(invnet.__all__)
     assert "core" not in dir(invnet) and "fit" in dir(invnet)
     assert "Reversible" not in invnet.__all__  # one name per concept: invnet.reversible
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """``from invnet.x import _name`` reaches into another module's internals; a private
+    module (``invnet._runtime``) is fine, a private name inside a module is not."""
+    found = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("invnet"):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and f"{node.module}.{alias.name}" not in MODULES:
+                    found.append(f"{module}: from {node.module} import {alias.name}")
+    assert not found, found

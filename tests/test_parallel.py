@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     from flax import nnx
     import invnet
     from invnet.demo import build_flow, moons
-    from invnet.train import _placement
+    from invnet.training.placement import placement_for
 
     assert jax.device_count() == 4, jax.devices()
     x, x_val = moons(512, seed=0), moons(96, seed=1)
@@ -63,7 +63,7 @@ CHILD = textwrap.dedent(
         "step_devices": [len(s.device_set) for s in step],
         "step_shard_shapes": [list(s.shard_shape((64, 2))) for s in step],
         "model_devices_after": len(leaf.devices()),
-        "all_devices": _placement("all").devices,
+        "all_devices": placement_for("all").devices,
         "error": error,
     }))
     """

@@ -12,7 +12,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Buffer, check_precision, wider_float
-from invnet.layers.coupling import _ACTIVATIONS, check_hidden, dense_min_values
+from invnet.layers.coupling import ACTIVATIONS, check_hidden, dense_min_values
 from invnet.layers.jacobi import CertifiedInverse, check_inverse_method
 from invnet.layers.rq_spline import check_spline_config, conditioner_input
 from invnet.layers.transformers import make_transformer
@@ -68,8 +68,8 @@ class MADE(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"MADE: activation must be one of {sorted(_ACTIVATIONS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MADE: activation must be one of {sorted(ACTIVATIONS)}")
         self.activation, self.dim, self.n_params = activation, dim, n_params
         self.cond_dim, self.hidden = int(cond_dim), tuple(int(h) for h in hidden)
         *masks, out_mask = self.masks()
@@ -89,7 +89,7 @@ class MADE(nnx.Module):
 
     def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         h = x if cond is None else jnp.concatenate([x, cond], axis=-1)
-        act = _ACTIVATIONS[self.activation]
+        act = ACTIVATIONS[self.activation]
         for layer in self.hidden_layers:
             h = act(layer(h))
         out = self.out(h).astype(x.dtype)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from invnet import splitmm
 from invnet.core import Bijector, Shape, check_precision
-from invnet.layers.coupling import _ACTIVATIONS, dense_min_values
+from invnet.layers.coupling import ACTIVATIONS, dense_min_values
 from invnet.layers.transformers import Additive, Affine, Transformed
 
 __all__ = ["ConvAffineCoupling", "ConvAdditiveCoupling", "ConvNet"]
@@ -85,8 +85,8 @@ class ConvNet(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"ConvNet: activation must be one of {sorted(_ACTIVATIONS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ConvNet: activation must be one of {sorted(ACTIVATIONS)}")
         if not isinstance(kernel_size, int | np.integer) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(
                 f"ConvNet: kernel_size must be a positive odd integer, got {kernel_size!r}"
@@ -98,7 +98,7 @@ class ConvNet(nnx.Module):
         self.last = _Conv(hidden, out_channels, k, zero=True, param_dtype=dt, rngs=rngs)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        act = _ACTIVATIONS[self.activation]
+        act = ACTIVATIONS[self.activation]
         return self.last(act(self.middle(act(self.first(h)))))
 
 

@@ -18,11 +18,11 @@ from invnet.layers.transformers import Additive, Affine, Transformed
 __all__ = ["AffineCoupling", "AdditiveCoupling", "MLP"]
 
 # the products follow the enclosing layer's precision, error-corrected modes included
-_DOT = splitmm.scoped_dot_general
-_ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax.nn.silu}
+DOT_DIMS = splitmm.scoped_dot_general
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax.nn.silu}
 
 
-def _promote_wider(args, /, *, dtype=None):
+def promote_wider(args, /, *, dtype=None):
     """``promote_dtype`` for ``nnx.Linear``: cast ``(inputs, kernel, bias)`` to ``dtype``, or
     to the wider float dtype of the inputs and the kernel (see `wider_float`)."""
     present = [a for a in args if a is not None]
@@ -47,12 +47,12 @@ class MLP(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"MLP: activation must be one of {sorted(_ACTIVATIONS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP: activation must be one of {sorted(ACTIVATIONS)}")
         sizes = [in_dim, *check_hidden("MLP", hidden)]
         self.activation = activation
         opts = dict(
-            param_dtype=param_dtype, dot_general=_DOT, promote_dtype=_promote_wider, rngs=rngs
+            param_dtype=param_dtype, dot_general=DOT_DIMS, promote_dtype=promote_wider, rngs=rngs
         )
         self.hidden_layers = nnx.List(
             [nnx.Linear(a, b, **opts) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
@@ -61,7 +61,7 @@ class MLP(nnx.Module):
         self.out = nnx.Linear(sizes[-1], out_dim, kernel_init=zeros, **opts)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        act = _ACTIVATIONS[self.activation]
+        act = ACTIVATIONS[self.activation]
         dtype = h.dtype
         for layer in self.hidden_layers:
             h = act(layer(h))  # computes in the wider of the input and parameter dtypes
@@ -116,7 +116,7 @@ def _split_indices(dim: int, mask) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(int(i) for i in keep), tuple(int(i) for i in change)
 
 
-class _Coupling(Transformed, Bijector):
+class CouplingBase(Transformed, Bijector):
     """Vector couplings: split x into (x_a, x_b) (halves or a mask), ask the MLP conditioner
     for the raw parameters of x_b given x_a (and cond), apply the transformer to x_b
     (`invnet.layers.transformers.Transformed`)."""
@@ -215,7 +215,7 @@ class _Coupling(Transformed, Bijector):
         return out.astype(x_a.dtype)
 
 
-class AffineCoupling(_Coupling):
+class AffineCoupling(CouplingBase):
     r"""Affine coupling block (RealNVP, GLOW), optionally conditional.
 
     Split ``x = (x_a, x_b)`` (first half / second half, or by ``mask``: True = passed
@@ -285,7 +285,7 @@ class AffineCoupling(_Coupling):
         return Affine(self.clamp)
 
 
-class AdditiveCoupling(_Coupling):
+class AdditiveCoupling(CouplingBase):
     r"""Additive coupling block (NICE): volume preserving, optionally conditional.
 
     * Map: ``y_a = x_a``, ``y_b = x_b + t``, ``t = NN(x_a[, cond])``.

@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from invnet.layers.coupling import _Coupling
+from invnet.layers.coupling import CouplingBase
 from invnet.layers.rq_spline import (
     SPLINE_BOUND,
     SplineParams,
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-class SplineCoupling(_Coupling):
+class SplineCoupling(CouplingBase):
     r"""Rational-quadratic spline coupling block (Neural Spline Flows), optionally conditional.
 
     Split ``x = (x_a, x_b)`` (halves, or by ``mask``: True = passed through). For each

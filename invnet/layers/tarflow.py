@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from invnet.core import Bijector, check_precision, wider_float
-from invnet.layers.coupling import _DOT, _promote_wider
+from invnet.layers.coupling import DOT_DIMS, promote_wider
 from invnet.layers.jacobi import CertifiedInverse, check_inverse_method
 from invnet.layers.rq_spline import check_spline_config
 from invnet.layers.transformers import TRANSFORMER_NAMES, make_transformer
@@ -21,7 +21,7 @@ __all__ = ["TransformerAutoregressive", "CausalTransformer"]
 
 def _linear(n_in, n_out, *, zero=False, param_dtype, rngs):
     init = {"kernel_init": nnx.initializers.zeros_init()} if zero else {}
-    return nnx.Linear(n_in, n_out, dot_general=_DOT, promote_dtype=_promote_wider,
+    return nnx.Linear(n_in, n_out, dot_general=DOT_DIMS, promote_dtype=promote_wider,
                       param_dtype=param_dtype, rngs=rngs, **init)  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from invnet.parallel import AXIS, data_mesh, replicate, to_host
 
 
-class _Placement:
+class Placement:
     """Where arrays live. Single device: where JAX puts them; nothing moves."""
 
     devices = 1
@@ -30,7 +30,7 @@ class _Placement:
         return tree
 
 
-class _MeshPlacement(_Placement):
+class MeshPlacement(Placement):
     """Data parallel over the ``"data"`` axis of ``mesh``.
 
     Every batch is split along its batch axis (``NamedSharding(mesh, P("data"))`` on the
@@ -59,9 +59,9 @@ class _MeshPlacement(_Placement):
         return jax.tree.map(jnp.asarray, to_host(tree))
 
 
-def _placement(mesh) -> _Placement:
+def placement_for(mesh) -> Placement:
     if mesh is None:
-        return _Placement()
+        return Placement()
     if isinstance(mesh, str):
         if mesh != "all":
             raise ValueError(f'invnet.fit: mesh must be None, "all" or a jax Mesh, got {mesh!r}')
@@ -73,4 +73,4 @@ def _placement(mesh) -> _Placement:
             f"invnet.fit: the mesh has axes {mesh.axis_names}, none named {AXIS!r}; "
             "build it with invnet.data_mesh()"
         )
-    return _MeshPlacement(mesh)
+    return MeshPlacement(mesh)
