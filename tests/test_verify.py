@@ -264,3 +264,19 @@ def test_fresh_glow_passes_with_a_row_per_leaf_layer_inside_factor_out():
     assert names == [step.name for step in layers(glow)]
     assert len(names) == 9  # 2 levels x (Squeeze, ActNorm, Conv1x1, coupling) + a Reshape
     assert any(".rest[" in name for name in names)
+
+
+def test_a_second_verify_of_the_same_structure_does_not_compile_again(monkeypatch):
+    """verify used to jit its checks afresh on every call (a new jax.jit each time)."""
+    from invnet.verification import checks
+
+    built, make = [], checks._make_checks
+    monkeypatch.setattr(checks, "_make_checks", lambda *a: built.append(a) or make(*a))
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    model = invnet.Sequential(invnet.LULinear(4, rngs=nnx.Rngs(0)), invnet.LeakyReLU(0.5))
+    first = invnet.verify(model, x, jacobian_samples=2)
+    nnx.update(model, jax.tree.map(lambda p: p * 1.1, nnx.state(model, nnx.Param)))
+    second = invnet.verify(model, x, jacobian_samples=2)  # new parameters, same structure
+    nnx.update(model, jax.tree.map(lambda p: p * jnp.nan, nnx.state(model, nnx.Param)))
+    broken = invnet.verify(model, x, jacobian_samples=2)  # the parameters are arguments
+    assert first.ok and second.ok and not broken.ok and len(built) == 1

@@ -108,7 +108,8 @@ class ActNorm(Bijector):
         layer stays as it was.
         """
         mean, std = self._finite_stats(x)
-        dt = self.param_dtype
+        dt = self.bias[...].dtype  # the stored dtype (param_dtype, unless cast, as verify's
+        # float64 re-run casts it)
         if inverse:  # x = y * exp(-log_scale) - bias = (y - mean) / std
             new_bias, new_log_scale = (mean / std).astype(dt), jnp.log(std).astype(dt)
         else:  # y = (x + bias) * exp(log_scale) = (x - mean) / std

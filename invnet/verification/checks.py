@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from invnet import _runtime
 from invnet.core import Bijector
 from invnet.verification.numerics import check_log_det, errors, flat, float64_drift, inf_norm
 from invnet.verification.report import ErrorStats, LayerCheck, VerifyReport, nanmax
@@ -35,8 +36,13 @@ SAFETY = 10.0  # tolerance = min(SAFETY * D * eps * bound, sqrt(eps)); see invne
 
 def layer_bound(layer: Bijector) -> tuple[float, str]:
     """``(bound, rule)``: how much ``layer`` can amplify relative rounding errors in a round
-    trip; each layer states its own in `Bijector.error_bound`."""
-    return layer.error_bound()
+    trip; each layer states its own in `Bijector.error_bound`. A bound that cannot be
+    computed (non-finite parameters: an SVD that does not converge) is infinite, and the
+    rule says why, so the report names the layer instead of `verify` raising."""
+    try:
+        return layer.error_bound()
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError) as err:
+        return float("inf"), f"not computable ({type(err).__name__}: {err})"
 
 
 # ------------------------------------------------------------------------ jitted checks
@@ -94,10 +100,12 @@ def _jacobian(fn, points, conds, conditional: bool):
     return jnp.linalg.slogdet(jac)[1], jnp.linalg.cond(jac)
 
 
-def _make_checks(graphdef, fixed, n_leaves: int):
-    """The jitted function: everything per sample."""
+def _make_checks(graphdef, n_leaves: int):
+    """The jitted function: everything per sample. Built once per model structure and
+    kept in the runtime's cache, so a second `verify` of the same structure (e.g. after
+    more training) does not compile again."""
 
-    def checks(params, x, cond, jac_idx):
+    def checks(params, fixed, x, cond, jac_idx):
         model = nnx.merge(graphdef, params, fixed)
         walk = steps(model)
         assert sum(step.move is None for step in walk) == n_leaves
@@ -226,8 +234,10 @@ def verify(
         graphdef, params, fixed = nnx.split(copy, nnx.Param, ...)
         finite_idx = np.flatnonzero(inputs.finite)
         jac_idx = jnp.asarray(finite_idx[: max(int(jacobian_samples), 0)], jnp.int32)
-        checks = _make_checks(graphdef, fixed, len(leaves))
-        out = jax.device_get(checks(params, inputs.x, inputs.cond, jac_idx))
+        checks = _runtime.cached(
+            ("verify", graphdef, len(leaves)), lambda: _make_checks(graphdef, len(leaves))
+        )
+        out = jax.device_get(checks(params, fixed, inputs.x, inputs.cond, jac_idx))
 
         failures: list[str] = []
         mask, fwd, inv, nonfinite = _model_stats(out, inputs.finite, tol_value, failures)

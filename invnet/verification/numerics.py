@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from invnet import _runtime
+
 __all__ = ["flat", "inf_norm", "errors", "check_log_det", "float64_drift"]
 
 
@@ -92,8 +94,8 @@ def _cast_floats(state, dtype):
     )
 
 
-def _make_float64_run(graphdef, fixed):
-    def run(params, x, y, cond):
+def _make_float64_run(graphdef):
+    def run(params, fixed, x, y, cond):
         model = nnx.merge(graphdef, params, fixed)
         y64, ld64 = model.forward(x, cond=cond)
         x64, _ = model.inverse(y, cond=cond)
@@ -105,9 +107,10 @@ def _make_float64_run(graphdef, fixed):
 
 def _run_float64(graphdef, params, fixed, x, y, cond):
     f64 = jnp.float64
-    run = _make_float64_run(graphdef, _cast_floats(fixed, f64))
+    run = _runtime.cached(("verify-float64", graphdef), lambda: _make_float64_run(graphdef))
     cond = None if cond is None else cond.astype(f64)
-    return jax.device_get(run(_cast_floats(params, f64), x.astype(f64), jnp.asarray(y, f64), cond))
+    params, fixed = _cast_floats(params, f64), _cast_floats(fixed, f64)
+    return jax.device_get(run(params, fixed, x.astype(f64), jnp.asarray(y, f64), cond))
 
 
 def float64_drift(graphdef, params, fixed, inputs, out, mask, enabled) -> dict[str, Any]:
