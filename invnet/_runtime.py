@@ -155,8 +155,9 @@ class Snapshot:
             if path and isinstance(node, nnx.Pytree)
         ]
         self.functions: dict[Hashable, Callable] = {}
-        # per direction: (references to the arrays the tables were built from, the tables)
-        self._prepared: dict[str, tuple[list, list]] = {}
+        # per (direction, lu_inverse): (references to the arrays the tables were built
+        # from, the tables)
+        self._prepared: dict[tuple[str, str], tuple[list, list]] = {}
 
     def current(self, model) -> bool:
         """Whether the model still has the structure this snapshot was taken from."""
@@ -180,14 +181,14 @@ class Snapshot:
             v.get_raw_value() is a for v, a in zip(self.variables, arrays, strict=True)
         )
 
-    def prepared(self, model, arrays: list, direction: str) -> list:
+    def prepared(self, model, arrays: list, direction: str, *, lu_inverse: str = "matrix") -> list:
         """Each node's ``prepare()`` arrays (in the order of `nodes`) for running ``model`` in
         ``direction`` ("forward" or "inverse"), built once per parameter version: kept while
         every variable holds the array it held when they were built (the staleness rule of
         the methods), rebuilt after any change. Each layer is told which of its own methods
         the call runs (``run``): its ``inverse``, or its ``forward`` inside an odd number of
-        `invnet.Inverse` wrappers."""
-        held = self._prepared.get(direction)
+        `invnet.Inverse` wrappers. ``lu_inverse``: `invnet.compile`'s option."""
+        held = self._prepared.get((direction, lu_inverse))
         if held is not None and all(r() is a for r, a in zip(held[0], arrays, strict=True)):
             return held[1]
         inverse = direction == "inverse"
@@ -197,12 +198,12 @@ class Snapshot:
                 run = "inverse" if inverse != step.inverted else "forward"
                 runs.setdefault(id(step.layer), set()).add(run)
         tables = [
-            node.prepare(lu_inverse="matrix", run=tuple(sorted(runs[id(node)])))
+            node.prepare(lu_inverse=lu_inverse, run=tuple(sorted(runs[id(node)])))
             if id(node) in runs
             else None
             for node in nodes(model)
         ]
-        self._prepared[direction] = ([_reference(a) for a in arrays], tables)
+        self._prepared[(direction, lu_inverse)] = ([_reference(a) for a in arrays], tables)
         return tables
 
 

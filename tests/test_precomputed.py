@@ -56,7 +56,7 @@ def test_default_inverse_uses_the_precomputed_inverse_and_equals_the_solves():
     model = _model()
     y, log_det = model.forward(_x())
     got = model.inverse(y)
-    tables = _runtime.snapshot(model)._prepared["inverse"][1]
+    tables = _runtime.snapshot(model)._prepared[("inverse", "matrix")][1]
     kinds = [sorted(t) for t in tables if t is not None]
     # W^{-1} for the layers whose inverse runs, W for the one inside Inverse (its forward)
     assert kinds == [["weight_inv"], ["weight"], ["weight_inv"]]
@@ -144,3 +144,18 @@ def test_prepared_inverse_is_the_float64_inverse_rounded_once(kind):
     assert sorted(layer.prepare(run=("inverse",))) == ["weight_inv"]
     assert sorted(layer.prepare(run=("forward",))) == ["weight"]
     assert layer.prepare(lu_inverse="solve") is None
+
+
+def test_compile_forms_each_directions_matrices_when_first_needed():
+    model = _model()
+    x = _x()
+    y = model.forward(x)[0]
+    fast = invnet.compile(model)
+    assert fast._snap._prepared == {}  # nothing formed by compile itself
+    x_back, log_det = fast.inverse(y)
+    assert list(fast._snap._prepared) == [("inverse", "matrix")]  # no W for the forward
+    _close((x_back, log_det), _as_written(model, y))
+    _close(fast.forward(x), model.forward(x))
+    fns, snapshot = fast.pure()  # one snapshot for every pure function
+    _close(jax.jit(fns.inverse)(snapshot, y), (x_back, log_det))
+    _close(jax.jit(fns.apply)(snapshot, x), y)
