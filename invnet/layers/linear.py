@@ -148,7 +148,11 @@ class LULinear(Bijector):
     * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` by two triangular solves, O(B D^2); for a
       batch (more than D/16 rows) ``W^{-1}`` is formed by GEMMs (recursive blocked inversion
       of the triangles) and applied by one GEMM, O(D^3 + B D^2), as the forward forms ``W``.
-      `invnet.compile` swaps these for one precomputed GEMM where speed matters.
+      That is the inverse as written (inside a user's ``jax.jit``, under ``invnet.eager()``).
+      Called on concrete arrays, ``inverse`` (of the layer or of a model holding it) instead
+      applies ``W^{-1}`` precomputed in float64 (`prepare`) once per parameter version by
+      the runtime: one GEMM, like the forward; the first call after a parameter change
+      forms it (O(D^3) on the host). `invnet.compile` uses the same matrices.
     * Init: ``init="random"`` (default): a random permutation ``P`` and random signs, and
       ``L``, ``U`` off-diagonals drawn from ``N(0, 0.3^2 / D)``, ``log_scale = 0``: the
       factors start well conditioned at every size (cond(L), cond(U) ~ 2), so the
