@@ -159,3 +159,14 @@ def test_compile_forms_each_directions_matrices_when_first_needed():
     fns, snapshot = fast.pure()  # one snapshot for every pure function
     _close(jax.jit(fns.inverse)(snapshot, y), (x_back, log_det))
     _close(jax.jit(fns.apply)(snapshot, x), y)
+
+
+@pytest.mark.parametrize("d", [1, 5, 37, 64])
+def test_host_unit_lower_inverse_by_recursive_blocks(d):
+    from invnet.layers.linear import _unit_lower_inverse_f64
+
+    rng = np.random.default_rng(d)
+    lower = np.tril(rng.normal(size=(d, d)) * 0.5, -1) + np.eye(d)
+    got = _unit_lower_inverse_f64(np.asfortranarray(lower), base=4)  # several levels
+    assert np.allclose(np.triu(got, 1), 0.0) and np.allclose(np.diag(got), 1.0)
+    assert np.max(np.abs(got @ lower - np.eye(d))) < 1e-12
