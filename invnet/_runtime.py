@@ -298,11 +298,14 @@ def _make(structure, fn, static_args, static_kwargs, check: bool):
             full = list(args)
             for i, value in static_args:
                 full.insert(i, value)
-            if tables is None:
+            table = {}
+            if tables is not None:
+                pairs = zip(nodes(model), tables, strict=True)
+                table = {id(n): t for n, t in pairs if t is not None}
+            if not table:  # nothing precomputed: the layers run as written
                 out = fn(model, *full, **kwargs, **dict(static_kwargs))
             else:
-                table = {id(n): t for n, t in zip(nodes(model), tables, strict=True)}
-                with _context.using(prepared={k: t for k, t in table.items() if t is not None}):
+                with _context.using(prepared=table):
                     out = fn(model, *full, **kwargs, **dict(static_kwargs))
             if check:
                 return out, _all_finite(out[0])
