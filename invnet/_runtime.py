@@ -30,6 +30,12 @@ variable or precision setting is a structural change: the model is split again);
 are current while every variable still holds the array it held (an optimizer step,
 ``nnx.update`` or a checkpoint load replaces them).
 
+Precomputed arrays: the inverse methods (and the samplers, which run the inverse) pass each
+layer's ``prepare()`` arrays (`invnet.LULinear`'s ``W^{-1}``) into the compiled call. They
+are built on the first such call and kept in the `Snapshot` with weak references to the
+arrays they came from: the same staleness rule, so the first call after any change builds
+them again.
+
 One jit cache: `cached`, least recently used first out, at most `CACHE_SIZE` functions
 (the methods, `invnet.compile` and `invnet.fit`'s step and evaluation share it).
 
