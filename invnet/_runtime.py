@@ -30,6 +30,12 @@ variable or precision setting is a structural change: the model is split again);
 are current while every variable still holds the array it held (an optimizer step,
 ``nnx.update`` or a checkpoint load replaces them).
 
+Precomputed arrays: the inverse methods (and the samplers, which run the inverse) pass each
+layer's ``prepare()`` arrays (`invnet.LULinear`'s ``W^{-1}``) into the compiled call. They
+are built on the first such call and kept in the `Snapshot` with weak references to the
+arrays they came from: the same staleness rule, so the first call after any change builds
+them again.
+
 One jit cache: `cached`, least recently used first out, at most `CACHE_SIZE` functions
 (the methods, `invnet.compile` and `invnet.fit`'s step and evaluation share it).
 
@@ -54,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from invnet import _context
-from invnet.walk import nodes
+from invnet.walk import nodes, steps
 
 __all__ = [
     "cached",
@@ -132,7 +138,15 @@ class Snapshot:
     """How one model instance splits: its graph definition, its variables in leaf order,
     and each module's attributes (to see structural changes), taken by one ``nnx.split``."""
 
-    __slots__ = ("root_items", "modules", "variables", "structure", "functions", "__weakref__")
+    __slots__ = (
+        "root_items",
+        "modules",
+        "variables",
+        "structure",
+        "functions",
+        "_prepared",
+        "__weakref__",
+    )
 
     def __init__(self, model):
         graphdef, state = nnx.split(model)
@@ -147,6 +161,9 @@ class Snapshot:
             if path and isinstance(node, nnx.Pytree)
         ]
         self.functions: dict[Hashable, Callable] = {}
+        # per (direction, lu_inverse): (references to the arrays the tables were built
+        # from, the tables)
+        self._prepared: dict[tuple[str, str], tuple[list, list]] = {}
 
     def current(self, model) -> bool:
         """Whether the model still has the structure this snapshot was taken from."""
@@ -169,6 +186,40 @@ class Snapshot:
         return self.current(model) and all(
             v.get_raw_value() is a for v, a in zip(self.variables, arrays, strict=True)
         )
+
+    def prepared(self, model, arrays: list, direction: str, *, lu_inverse: str = "matrix") -> list:
+        """Each node's ``prepare()`` arrays (in the order of `nodes`) for running ``model`` in
+        ``direction`` ("forward" or "inverse"), built once per parameter version: kept while
+        every variable holds the array it held when they were built (the staleness rule of
+        the methods), rebuilt after any change. Each layer is told which of its own methods
+        the call runs (``run``): its ``inverse``, or its ``forward`` inside an odd number of
+        `invnet.Inverse` wrappers. ``lu_inverse``: `invnet.compile`'s option."""
+        held = self._prepared.get((direction, lu_inverse))
+        if held is not None and all(r() is a for r, a in zip(held[0], arrays, strict=True)):
+            return held[1]
+        inverse = direction == "inverse"
+        runs: dict[int, set[str]] = {}
+        for step in steps(model):
+            if step.layer is not None:
+                run = "inverse" if inverse != step.inverted else "forward"
+                runs.setdefault(id(step.layer), set()).add(run)
+        tables = [
+            node.prepare(lu_inverse=lu_inverse, run=tuple(sorted(runs[id(node)])))
+            if id(node) in runs
+            else None
+            for node in nodes(model)
+        ]
+        self._prepared[(direction, lu_inverse)] = ([_reference(a) for a in arrays], tables)
+        return tables
+
+
+def _reference(a) -> Callable:
+    """A weak reference to ``a`` where it can have one (arrays), else a strong one: the
+    prepared tables must not keep a model's old parameters alive."""
+    try:
+        return weakref.ref(a)
+    except TypeError:
+        return lambda: a
 
 
 _SNAPSHOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -244,16 +295,27 @@ def _as_written(model, fn, args, kwargs) -> bool:
     return any(node.not_ready() is not None for node in nodes(model))
 
 
-def _make(structure, fn, static_args, static_kwargs):
+def _make(structure, fn, static_args, static_kwargs, check: bool):
     graphdef, treedef = structure
 
-    def run(leaves, args, kwargs):
+    def run(leaves, tables, args, kwargs):
         with _context.using(inside=True):
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
             full = list(args)
             for i, value in static_args:
                 full.insert(i, value)
-            return fn(model, *full, **kwargs, **dict(static_kwargs))
+            table = {}
+            if tables is not None:
+                pairs = zip(nodes(model), tables, strict=True)
+                table = {id(n): t for n, t in pairs if t is not None}
+            if not table:  # nothing precomputed: the layers run as written
+                out = fn(model, *full, **kwargs, **dict(static_kwargs))
+            else:
+                with _context.using(prepared=table):
+                    out = fn(model, *full, **kwargs, **dict(static_kwargs))
+            if check:
+                return out, _all_finite(out[0])
+            return out
 
     return run
 
@@ -264,9 +326,17 @@ class NonFiniteWarning(RuntimeWarning):
     `invnet.explain_nonfinite` names the layer."""
 
 
+def _all_finite(out) -> jax.Array:
+    """Inside the compiled call: whether every entry of ``out`` is finite, as one fused
+    reduction (``0 * x`` is 0 for every finite ``x`` and NaN for NaN/inf). Returned with the
+    result, so the usual case costs no second dispatch; `_check_finite` looks closer only
+    when it is False."""
+    return jax.numpy.isfinite(jax.numpy.sum(out * jax.numpy.zeros((), out.dtype)))
+
+
 def _check_finite(model, data, out) -> None:
-    """Warn when samples with finite ``data`` came back non-finite (one reduction of each;
-    nothing more unless some did)."""
+    """Warn when samples with finite ``data`` came back non-finite (run only when some
+    output was not finite)."""
     try:
         batch = model.batch_shape(data, inverse=True)
     except (AttributeError, TypeError, ValueError):
@@ -291,17 +361,28 @@ def _check_finite(model, data, out) -> None:
 
 
 def compiled(
-    fn: Callable | None = None, *, check_finite: bool = False, static: tuple[str, ...] = ()
+    fn: Callable | None = None,
+    *,
+    check_finite: bool = False,
+    static: tuple[str, ...] = (),
+    precompute: str | None = None,
 ) -> Callable:
     """Decorate a method ``fn(model, *args, **kwargs)`` of a model (or a function whose first
     argument is one) so that, called on concrete arrays, it runs as a cached jitted function
     of the model's current variables (see the module docstring); otherwise as written.
 
-    ``check_finite`` (for inverses): after a compiled call, warn (`NonFiniteWarning`) when
-    samples of a finite first argument came back non-finite. ``static``: keyword arguments
-    that are part of the cache key whatever their type (a float tolerance a loop tests)."""
+    ``check_finite`` (for inverses): warn (`NonFiniteWarning`) when samples of a finite first
+    argument came back non-finite (one fused reduction inside the compiled call says
+    whether any output is non-finite; the samples are looked for only then).
+    ``static``: keyword arguments that are part of the cache key whatever their type (a
+    float tolerance a loop tests). ``precompute`` ("forward" or "inverse": the direction
+    ``fn`` runs the model in): the layers run with their ``prepare()`` arrays (e.g.
+    `invnet.LULinear`'s explicit ``W^{-1}``), built once per parameter version and kept in
+    the model's `Snapshot` (rebuilt after any change, so never stale)."""
     if fn is None:
-        return functools.partial(compiled, check_finite=check_finite, static=static)
+        return functools.partial(
+            compiled, check_finite=check_finite, static=static, precompute=precompute
+        )
 
     def is_dynamic(name, value):
         return name not in static and _dynamic(value)
@@ -312,7 +393,8 @@ def compiled(
             return fn(model, *args, **kwargs)
         static_args = tuple((i, a) for i, a in enumerate(args) if not _dynamic(a))
         static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if not is_dynamic(k, v)))
-        key = (fn, static_args, static_kwargs)
+        check = check_finite and bool(args) and isinstance(args[0], jax.Array | np.ndarray)
+        key = (fn, static_args, static_kwargs, check)
         try:
             hash(key)
         except TypeError:  # an unhashable static argument: nothing to cache on
@@ -321,6 +403,7 @@ def compiled(
         leaves = snap.arrays()
         if any(isinstance(a, jax.core.Tracer) for a in leaves):  # traced variables (nnx.grad)
             return fn(model, *args, **kwargs)
+        tables = None if precompute is None else snap.prepared(model, leaves, precompute)
         jitted = snap.functions.get(key)
         if jitted is None:
             jitted = snap.functions[key] = cached_jit(
@@ -328,9 +411,11 @@ def compiled(
             )
         dyn_args = [a for a in args if _dynamic(a)]
         dyn_kwargs = {k: v for k, v in kwargs.items() if is_dynamic(k, v)}
-        out = jitted(leaves, dyn_args, dyn_kwargs)
-        if check_finite and isinstance(args[0], jax.Array | np.ndarray):
-            _check_finite(model, jax.numpy.asarray(args[0]), out[0])
+        out = jitted(leaves, tables, dyn_args, dyn_kwargs)
+        if check:
+            out, finite = out
+            if not finite:  # one scalar read; the samples are found only when some are lost
+                _check_finite(model, jax.numpy.asarray(args[0]), out[0])
         return out
 
     return method

@@ -2,19 +2,25 @@
 
 ``invnet.compile(model)`` returns a `Compiled` object. It snapshots the model's state,
 precomputes from it what can be precomputed, and jit-compiles pure functions of that
-snapshot for both directions:
+snapshot for both directions. Each direction's matrices are formed when it is first called
+(the forward needs ``W``, the inverse ``W^{-1}``), so a model only ever inverted never
+forms ``W``:
 
 * `LULinear`: the dense ``W = P L U`` and its explicit inverse ``W^{-1} = U^{-1} L^{-1} P^T``,
-  both formed in float64 on the host from the layer's (float32 or float64) factors and then
+  both formed in float64 on the host from the layer's (float32 or float64) factors (BLAS
+  ``trmm`` for ``W``, two ``trsm`` for ``W^{-1}``: 1.5 D^3 multiply-adds in all) and then
   rounded once to the parameter dtype. Forward and inverse are then one GEMM each, so the
-  inverse costs exactly what the forward costs. ``lu_inverse`` chooses the inverse:
+  inverse costs exactly what the forward costs. The model's own ``inverse`` uses the same
+  precomputed ``W^{-1}`` (kept per parameter version by the runtime). ``lu_inverse``
+  chooses the inverse:
 
   - ``"matrix"`` (default): ``x = (y - b) W^{-1 T}``: one GEMM.
   - ``"matrix+refine"``: the above plus one step of iterative refinement
     ``x <- x + W^{-1}(y - b - W x)``: three GEMMs; removes the error of the rounded
     inverse matrix, so ill-conditioned layers come back about as accurately as with solves.
-  - ``"solve"``: the layer's own inverse (what the model's methods run: triangular solves,
-    for batches of at least D rows on the identity, then one GEMM).
+  - ``"solve"``: the layer's own inverse as written (triangular solves, or for batches of
+    at least D/16 rows ``W^{-1}`` formed in the call by GEMMs; what the model's methods run
+    inside a user's ``jax.jit`` or under ``invnet.eager()``).
 
 * every other layer (couplings, activations, permutations, ActNorm) runs as written; the
   containers `Sequential` and `Inverse` are walked so LULinear layers nested in them are
@@ -149,13 +155,20 @@ class PureFunctions(NamedTuple):
     apply_inverse: Callable
 
 
-def _pure_function(graphdef, treedef, direction: str):
+def _pure_function(graphdef, treedef, direction: str, kind: str):
+    """The pure function of ``direction`` on a flat snapshot of ``(state, tables)`` (``kind``
+    "forward" or "inverse": the tables for that direction) or, for `Compiled.pure`,
+    ``(state, (forward tables, inverse tables))`` (``kind`` "both")."""
+    inverse = direction in ("inverse", "apply_inverse")
+
     def run(consts, x, cond=None):
-        state, extras = jax.tree.unflatten(treedef, consts)
+        state, tables = jax.tree.unflatten(treedef, consts)
+        if kind == "both":
+            tables = tables[1 if inverse else 0]
         model = nnx.merge(graphdef, state)
-        table = {id(n): e for n, e in zip(nodes(model), extras, strict=True) if e is not None}
+        table = {id(n): e for n, e in zip(nodes(model), tables, strict=True) if e is not None}
         with using_prepared(table):
-            if direction in ("inverse", "apply_inverse"):
+            if inverse:
                 x, log_det = model.inverse(x, cond=cond)
                 return x if direction == "apply_inverse" else (x, log_det)
             y, log_det = model.forward(x, cond=cond)
@@ -187,22 +200,39 @@ class Compiled:
 
     # ----------------------------------------------------------------------- snapshot
     def refresh(self) -> Compiled:
-        """Re-snapshot the model's current state and recompute the precomputed matrices."""
+        """Re-snapshot the model's current state. The precomputed matrices are formed from
+        it when a direction first needs them (``W`` for the forward, ``W^{-1}`` for the
+        inverse of an `invnet.LULinear`), once per snapshot."""
         for node in nodes(self.model):
             problem = node.not_ready()
             if problem is not None:
                 raise ValueError(f"compile: {problem}")
         _check_platform(self.model)
-        graphdef, state = nnx.split(self.model)
-        # what each layer precomputes (None: runs as written), in the order of `nodes`
-        extras = [node.prepare(lu_inverse=self.lu_inverse) for node in nodes(self.model)]
-        # flattened once here, so a call passes a flat list to jit instead of a nested State
-        consts, treedef = jax.tree.flatten((state, extras))
-        self._graphdef, self._treedef, self._consts = graphdef, treedef, consts
-        # the runtime's one staleness rule: same structure, same arrays in every variable
+        self._graphdef, self._state = nnx.split(self.model)
+        # the runtime's one staleness rule: same structure, same arrays in every variable;
+        # the snapshot also keeps each direction's precomputed tables
         self._snap = _runtime.Snapshot(self.model)
         self._arrays = self._snap.arrays()
+        self._consts: dict[str, tuple] = {}  # kind -> (treedef, flat list of arrays)
         return self
+
+    def _tables(self, kind: str) -> list:
+        """What each layer precomputes (None: runs as written), in the order of `nodes`."""
+        return self._snap.prepared(self.model, self._arrays, kind, lu_inverse=self.lu_inverse)
+
+    def _snapshot(self, kind: str) -> tuple:
+        """``(treedef, flat arrays)`` of the state and the tables of ``kind`` ("forward",
+        "inverse" or "both"), formed on first use: flattened once, so a call passes a flat
+        list to jit instead of a nested State."""
+        found = self._consts.get(kind)
+        if found is None:
+            if kind == "both":
+                tables = (self._tables("forward"), self._tables("inverse"))
+            else:
+                tables = self._tables(kind)
+            consts, treedef = jax.tree.flatten((self._state, tables))
+            found = self._consts[kind] = (treedef, consts)
+        return found
 
     def _check_fresh(self) -> None:
         # O(#modules + #variables) comparisons, no graph walk: a few microseconds per call
@@ -213,17 +243,18 @@ class Compiled:
             )
 
     # ------------------------------------------------------------------------- calls
-    def _fn(self, direction: str):
+    def _fn(self, direction: str, kind: str):
         # shared by every Compiled of the same structure; reused when only values changed
-        graphdef, treedef = self._graphdef, self._treedef
-        key = ("compiled", graphdef, treedef, direction)
-        return _runtime.cached_jit(key, lambda: _pure_function(graphdef, treedef, direction))
+        graphdef, (treedef, _) = self._graphdef, self._snapshot(kind)
+        key = ("compiled", graphdef, treedef, direction, kind)
+        return _runtime.cached_jit(key, lambda: _pure_function(graphdef, treedef, direction, kind))
 
     def _call(self, direction: str, x, cond):
         if isinstance(x, jax.core.Tracer) or isinstance(cond, jax.core.Tracer):
             raise CompiledTraceError(_TRACE_MESSAGE.format(method=direction))
         self._check_fresh()
-        out = self._fn(direction)(self._consts, x, cond)
+        kind = "inverse" if direction in ("inverse", "apply_inverse") else "forward"
+        out = self._fn(direction, kind)(self._snapshot(kind)[1], x, cond)
         if isinstance(jax.tree.leaves(out)[0], jax.core.Tracer):  # inputs closed over by a trace
             raise CompiledTraceError(_TRACE_MESSAGE.format(method=direction))
         return out
@@ -260,8 +291,8 @@ class Compiled:
         ``refresh()``.
         """
         self._check_fresh()
-        functions = PureFunctions(*(self._fn(d) for d in PureFunctions._fields))
-        return functions, list(self._consts)
+        functions = PureFunctions(*(self._fn(d, "both") for d in PureFunctions._fields))
+        return functions, list(self._snapshot("both")[1])
 
     def __iter__(self):
         return iter((self.forward, self.inverse))

@@ -168,7 +168,7 @@ class Sequential(Bijector):
             return x, log_det, hs
         return x, log_det
 
-    @_runtime.compiled(check_finite=True)
+    @_runtime.compiled(check_finite=True, precompute="inverse")
     def inverse(self, y, *, cond=None):
         y = self._check_input(y, "y", inverse=True)
         cond = self._check_cond(cond, y, inverse=True)

@@ -161,7 +161,7 @@ class Bijector(nnx.Module):
                 return self.forward_prepared(prepared, x, cond)
             return self._forward(x, cond)
 
-    @_runtime.compiled(check_finite=True)
+    @_runtime.compiled(check_finite=True, precompute="inverse")
     def inverse(self, y: jax.Array, *, cond: jax.Array | None = None):
         """Exact inverse: returns ``(x, log|det dx/dy|)``, equal to minus the forward log-det
         (compiled like `forward`)."""

@@ -272,13 +272,13 @@ def _log_prob(flow, x, cond):
     return flow._base_log_prob(z, cond) + log_det
 
 
-@_runtime.compiled
+@_runtime.compiled(precompute="inverse")
 def _sample(flow, key, cond, temperature, *, n, dtype):
     z = flow._draw(key, n, temperature, dtype, cond)
     return flow.inverse(z, cond=cond)[0]
 
 
-@_runtime.compiled
+@_runtime.compiled(precompute="inverse")
 def _sample_and_log_prob(flow, key, cond, temperature, *, n, dtype):
     z = flow._draw(key, n, temperature, dtype, cond)
     x, inv_log_det = flow.inverse(z, cond=cond)

@@ -155,7 +155,7 @@ def sample_posterior(model, y, key, *, n: int | None = None, temperature: float 
     return _posterior(model, y, key, temperature, cond, n=n)
 
 
-@_runtime.compiled
+@_runtime.compiled(precompute="inverse")
 def _posterior(model, y, key, temperature, cond, *, n):
     """`sample_posterior` after its checks (compiled by `invnet._runtime`)."""
     if n is not None:

@@ -28,8 +28,9 @@ class Conv1x1(LULinear):
     * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` per pixel: two C x C triangular solves
       form the inverse matrix once (as `invnet.LULinear` does for batches of >= C rows),
       then one GEMM over the pixels.
-      `invnet.compile` precomputes ``W`` and ``W^{-1}`` in float64 from the factors
-      (`LULinear.prepare`), so the compiled inverse is one GEMM, like the forward.
+      Called on concrete arrays (and in `invnet.compile`) the inverse applies ``W^{-1}``
+      precomputed in float64 from the factors once per parameter version
+      (`LULinear.prepare`), so it is one GEMM, like the forward.
     * Init: as `invnet.LULinear` (``init="random"``, ``"orthogonal"`` or ``"identity"``);
       ``Conv1x1.from_matrix(W, b)`` takes a trained ``C x C`` matrix.
     * Takes any image size; the channel count is fixed. `Bijector.error_bound` is
