@@ -3,7 +3,7 @@
 * ``flows``: `invnet.Flow.sample` / ``log_prob`` as a user calls them (compiled by default,
   `invnet._runtime`) vs the same flow hand-jitted (``nnx.split`` + ``jax.jit``) vs op by op
   (``invnet.eager()``); first-call times (compilation included) of both.
-* ``layers``: per layer, `invnet.compile` (``forward`` and the y-only ``apply``) vs a plain
+* ``layers``: per layer, `invnet.freeze` (``forward`` and the y-only ``apply``) vs a plain
   ``jax.jit`` of the layer, and the layer's own ``forward`` / ``__call__`` (compiled by
   default); the dispatch overhead on a tiny model; the LU inverse with the bias subtracted
   before the GEMM vs folded after it (speed and error).
@@ -125,7 +125,7 @@ def layers(cfg, args):
             jit_fwd = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s).forward(v))
             jit_apply = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v))
             jit_inv = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s).inverse(v)[0])
-            fast = invnet.compile(layer)
+            fast = invnet.freeze(layer)
             y = fast.apply(x)
             calls = {
                 "jit forward (y, log-det)": (jit_fwd, (state, x)),

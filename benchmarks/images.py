@@ -11,7 +11,7 @@ Sections (all float32, matmul precision ``--precision``, default ``"highest"``):
 
   Both are timed three ways: ``jit``, the model split by hand (``nnx.split`` + ``jax.jit`` of
   ``forward`` / ``inverse`` / ``forward()[1]``; Conv1x1's inverse is then its two triangular
-  solves); ``compiled``, ``invnet.compile(model)``'s ``forward`` / ``inverse`` /
+  solves); ``compiled``, ``invnet.freeze(model)``'s ``forward`` / ``inverse`` /
   ``log_det`` (Conv1x1's inverse is one GEMM by ``W^-1`` formed in float64); and
   ``compiled y-only``, its ``apply`` / ``apply_inverse`` (no log-det). Each row has its
   round-trip error ``max|f^-1(f(x)) - x| / max|x|`` (through the variant's own forward)
@@ -163,7 +163,7 @@ def _jit_variant(model):
 
 
 def _variants(model):
-    fast = invnet.compile(model)
+    fast = invnet.freeze(model)
     return {
         "jit": _jit_variant(model),
         "compiled": {"forward": fast.forward, "inverse": fast.inverse, "log_det": fast.log_det},
@@ -603,7 +603,7 @@ def markdown(results) -> str:
         "## Conv1x1: forward, inverse, log-det",
         "",
         "`jit`: the layer split by hand and jitted (inverse: two triangular solves); "
-        "`compiled`: `invnet.compile` (inverse: one GEMM by W^-1 formed in float64); "
+        "`compiled`: `invnet.freeze` (inverse: one GEMM by W^-1 formed in float64); "
         "`compiled y-only`: `apply` / `apply_inverse` (no log-det). Input normal, batch "
         "(images) as shown; `roundtrip_rel_err` = max|f^-1(f(x)) - x| / max|x|; "
         "`log_det_err` = max|ld_f + ld_f^-1| / max(1, |ld_f|); `first_forward_call_s` "

@@ -6,7 +6,7 @@ float64 from the layer's own float32 factors and rounded to float32; each method
 inverts it in float32 at precision "highest":
 
 * ``solve``: the eager layer's two triangular solves (jitted);
-* ``matrix``: `invnet.compile` with one GEMM by the precomputed inverse;
+* ``matrix``: `invnet.freeze` with one GEMM by the precomputed inverse;
 * ``matrix+refine``: the same plus one refinement step;
 * ``np.linalg.solve (f64)``: a float64 LAPACK solve of the rounded y (a floor: the error the
   rounding of y to float32 already forces).
@@ -50,7 +50,7 @@ def measure(dim: int = 256, batch: int = 512, kappas=(1.0, 1e2, 1e4, 1e6)) -> li
         y = (x32 @ w64.T + np.asarray(layer.bias[...], np.float64)).astype(np.float32)
         row = {"dim": dim, "batch": batch, "kappa": float(np.linalg.cond(w64))}
         for method in METHODS:
-            fast = invnet.compile(layer, lu_inverse=method)
+            fast = invnet.freeze(layer, lu_inverse=method)
             x_hat = np.asarray(fast.inverse(jnp.asarray(y))[0], np.float64)
             row[method] = float(np.abs(x_hat - x32).max() / np.abs(x32).max())
         ref = np.linalg.solve(w64, (y.astype(np.float64) - np.asarray(layer.bias[...])).T).T

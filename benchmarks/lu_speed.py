@@ -1,15 +1,15 @@
-"""LU layers: the default inverse against the forward, `invnet.compile` time at large D, and
+"""LU layers: the default inverse against the forward, `invnet.freeze` time at large D, and
 the accuracy of the prepared inverse.
 
     python benchmarks/lu_speed.py --only ratio      # 2 x LULinear(64), batch 4096
     python benchmarks/lu_speed.py --only compile --dim 4096 --layers 4
     python benchmarks/lu_speed.py --only accuracy --dims 64 512
 
-* ``ratio``: ``model.forward(x)``, ``model.inverse(y)`` and ``invnet.compile(model)``'s
+* ``ratio``: ``model.forward(x)``, ``model.inverse(y)`` and ``invnet.freeze(model)``'s
   inverse, each call ended by ``block_until_ready``, timed one after another round by round
   (so load drift hits them alike); prints the median and quartiles of each and the medians'
   ratio inverse / forward.
-* ``compile``: seconds for ``invnet.compile`` of a stack of ``LULinear(dim)`` (float32) and
+* ``compile``: seconds for ``invnet.freeze`` of a stack of ``LULinear(dim)`` (float32) and
   its first forward and inverse (batch 256; each forms its direction's matrices), then on
   one layer ``prepare`` per direction and, for comparison, the previous way of forming the
   matrices (float64 GEMM for ``W``, two float64 ``scipy.linalg.solve_triangular`` calls for
@@ -47,7 +47,7 @@ def ratio(dim: int = 64, batch: int = 4096, rounds: int = 40) -> None:
     )
     x = jax.random.normal(jax.random.key(0), (batch, dim), jnp.float32)
     y = model.forward(x)[0]
-    fast = invnet.compile(model)
+    fast = invnet.freeze(model)
     calls = {
         "model.forward": lambda: model.forward(x),
         "model.inverse": lambda: model.inverse(y),
@@ -87,8 +87,8 @@ def compile_time(dim: int = 4096, layers: int = 4, previous: bool = True) -> Non
     jax.block_until_ready(nnx.state(model))
     print(f"{layers} x LULinear({dim}), float32: built in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    fast = invnet.compile(model)
-    print(f"  invnet.compile: {time.perf_counter() - t0:.1f} s")
+    fast = invnet.freeze(model)
+    print(f"  invnet.freeze: {time.perf_counter() - t0:.1f} s")
     x = jax.random.normal(jax.random.key(0), (256, dim), jnp.float32)
     t0 = time.perf_counter()
     y = jax.block_until_ready(fast.forward(x))[0]

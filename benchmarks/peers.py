@@ -8,7 +8,7 @@ all three libraries compute the same map.
 * distrax: ``LowerUpperTriangularAffine(matrix, bias)``; inverse: two triangular solves.
 * flowjax: ``Chain([TriangularAffine(0, U, lower=False), TriangularAffine(b, L)])`` under
   ``jax.vmap``; inverse: two triangular solves.
-* invnet: ``invnet.compile(layer)`` (one GEMM each way).
+* invnet: ``invnet.freeze(layer)`` (one GEMM each way).
 
 Peer settings: JAX's own defaults for every library (no ``XLA_FLAGS``, thread or precision
 setting), each peer's bijector as its documentation builds it, jitted with ``jax.jit``.
@@ -88,7 +88,7 @@ def measure(dims, batch_for, precision: str = "highest", repeats: int = 5) -> li
         batch = batch_for(dim)
         layer, lower, upper, bias = _layer(dim)
         x = _util.data(batch, dim)
-        fast = invnet.compile(invnet.set_precision(layer, precision))
+        fast = invnet.freeze(invnet.set_precision(layer, precision))
         y_ref = fast.forward(x)[0]
         libs = {"invnet (compiled)": (fast.forward, fast.inverse)}
         for name, version in found.items():
@@ -96,7 +96,7 @@ def measure(dims, batch_for, precision: str = "highest", repeats: int = 5) -> li
                 libs[f"{name} {version}"] = _peer_fns(name, lower, upper, bias)
         for lib, (fwd, inv) in libs.items():
             with jax.default_matmul_precision(PRECISIONS[precision]):
-                # invnet.compile is jitted already (and refuses to run inside another jit)
+                # invnet.freeze is jitted already (and refuses to run inside another jit)
                 own = lib.startswith("invnet")
                 fwd_j, inv_j = (fwd, inv) if own else (jax.jit(fwd), jax.jit(inv))
                 t_f, t_i = _util.timeit_many([(fwd_j, (x,)), (inv_j, (y_ref,))], repeats=repeats)

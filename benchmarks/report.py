@@ -190,7 +190,7 @@ def _fastpath(sec) -> list[str]:
         lines.append("")
     layer_rows = [r for r in sec.get("layers", []) if "compiled/jit forward" in r]
     if layer_rows:
-        lines += ["### Per layer: invnet.compile vs plain jit, and the default calls", ""]
+        lines += ["### Per layer: invnet.freeze vs plain jit, and the default calls", ""]
         cols = [k for k in layer_rows[0] if k not in ("layer", "dim", "batch")]
         lines += _table(layer_rows, ["layer", "dim", "batch", *cols])
         lines.append("")

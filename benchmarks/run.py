@@ -7,7 +7,7 @@
 Sections (``--only`` picks some):
 
 * ``lu``: one `LULinear` across D: forward, inverse, log-det; jitted eager layer (two
-  triangular solves) vs `invnet.compile` (one GEMM; with and without refinement) vs naive
+  triangular solves) vs `invnet.freeze` (one GEMM; with and without refinement) vs naive
   inversion on every call (``jnp.linalg.solve`` of the dense W, ``pinv``).
 * ``models``: LU + LeakyReLU stacks and affine-coupling flows: eager (op by op), jit
   (``nnx.split`` + ``jax.jit``) and compiled; forward, inverse, log-det.
@@ -20,7 +20,7 @@ Sections (``--only`` picks some):
   import, else in ``--peers-python``; skipped with a message otherwise).
 * ``flows``: ``Flow.sample`` / ``log_prob`` as users call them (compiled by default) vs
   hand-jitted vs eager, with first-call (compile) times (``benchmarks/flows.py``).
-* ``layers``: per layer, ``invnet.compile`` (with and without the log-det) vs plain jit and
+* ``layers``: per layer, ``invnet.freeze`` (with and without the log-det) vs plain jit and
   the layers' default calls; dispatch overhead; LU inverse bias before/after the GEMM.
 * ``flow_peers``: a RealNVP-style flow in invnet, distrax and flowjax: sampling,
   log-density and an Adam training step (``benchmarks/flow_peers.py``; skipped with a

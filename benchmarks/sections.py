@@ -103,9 +103,9 @@ def lu(cfg, args):
         layer = invnet.set_precision(_util.build("lu", dim), args.precision)
         x = _util.data(batch, dim)
         jit_f, jit_i, jit_l = _jit_fns(layer)
-        fast = invnet.compile(layer)
+        fast = invnet.freeze(layer)
         y = fast.forward(x)[0]
-        refined = invnet.compile(layer, lu_inverse="matrix+refine")
+        refined = invnet.freeze(layer, lu_inverse="matrix+refine")
         variants = {
             "jit (2 triangular solves)": (jit_f, jit_i, jit_l),
             "compiled (matrix)": (fast.forward, fast.inverse, fast.log_det),
@@ -142,7 +142,7 @@ def models(cfg, args):
             )
             x = _util.data(batch, dim)
             jit_f, jit_i, jit_l = _jit_fns(model)
-            fast = invnet.compile(model)
+            fast = invnet.freeze(model)
             y = fast.forward(x)[0]
             variants = {
                 "jit (layers as written)": (jit_f, jit_i, jit_l),
@@ -175,7 +175,7 @@ def gd(cfg, args):
     batch = 256 if not args.tiny else 16
     model = invnet.set_precision(_util.build("lu_leaky", dim, 2), args.precision)
     x_true = _util.data(batch, dim)
-    fast = invnet.compile(model)
+    fast = invnet.freeze(model)
     y = fast.forward(x_true)[0]
     graphdef, state = nnx.split(model)
     steps = cfg["gd_steps"]
@@ -235,7 +235,7 @@ def precision(cfg, args):
             skipped.append("tf32x3: needs an NVIDIA GPU (TF32 tensor cores)")
             continue
         model = invnet.set_precision(_util.build("lu_leaky", dim, cfg["depth"]), mode)
-        fast = invnet.compile(model)
+        fast = invnet.freeze(model)
         y = fast.forward(x)[0]
         if ref is None:
             ref = y  # "highest" comes first

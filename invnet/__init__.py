@@ -14,8 +14,9 @@ from invnet.compiled import (
     CompiledTraceError,
     PureFunctions,
     StaleCompiledError,
-    compile,
+    freeze,
 )
+from invnet.compiled import compile as compile  # the former name of freeze; not in __all__
 from invnet.containers import Inverse, Sequential
 from invnet.convert import NotInvertibleError, from_dense
 from invnet.core import PRECISIONS, Bijector, Buffer, set_precision
@@ -126,7 +127,7 @@ __all__ = [
     "InverseProblem",
     "mmd",
     "sample_posterior",
-    "compile",
+    "freeze",
     "eager",
     "BakedParametersWarning",
     "NonFiniteWarning",

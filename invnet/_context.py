@@ -7,7 +7,7 @@ that is held here, in one frozen `Context`:
 * ``eager``: inside ``invnet.eager()``: run op by op, as written (no automatic ``jax.jit``);
 * ``inside``: inside a call the runtime compiled: the model's methods called from there run as
   written instead of compiling again;
-* ``prepared``: while `invnet.compile` traces, ``id(layer) -> arrays`` it precomputed; each
+* ``prepared``: while `invnet.freeze` traces, ``id(layer) -> arrays`` it precomputed; each
   such layer runs its ``forward_prepared`` / ``inverse_prepared``;
 * ``flipped``: data runs through a layer's ``inverse`` as part of the model's ``forward``
   (inside an odd number of `invnet.Inverse` wrappers): data-dependent initialisation

@@ -12,7 +12,7 @@
   input shapes and dtypes: models of the same structure share it, a new batch size compiles
   once more.
 * Inside a user's own ``jax.jit`` / ``grad`` / ``vmap`` (an input or a parameter is a
-  tracer), inside a call the runtime compiled, and while `invnet.compile` traces, the method
+  tracer), inside a call the runtime compiled, and while `invnet.freeze` traces, the method
   runs as written. Traced inside a user's ``jax.jit`` with the model closed over (its
   parameters concrete), it warns (`BakedParametersWarning`): the parameters become constants
   of that compiled function, which would silently keep the old model after an update; pass
@@ -24,7 +24,7 @@
 * Opt-out for debugging (prints, breakpoints, op-by-op errors): ``with invnet.eager(): ...``,
   or the environment variable ``INVNET_EAGER=1`` for the whole process.
 
-One staleness rule serves the methods and `invnet.compile`: a `Snapshot` (one ``nnx.split``)
+One staleness rule serves the methods and `invnet.freeze`: a `Snapshot` (one ``nnx.split``)
 is current while every module of the model keeps the attributes it had (a replaced layer,
 variable or precision setting is a structural change: the model is split again); its values
 are current while every variable still holds the array it held (an optimizer step,
@@ -37,7 +37,7 @@ arrays they came from: the same staleness rule, so the first call after any chan
 them again.
 
 One jit cache: `cached`, least recently used first out, at most `CACHE_SIZE` functions
-(the methods, `invnet.compile` and `invnet.fit`'s step and evaluation share it).
+(the methods, `invnet.freeze` and `invnet.fit`'s step and evaluation share it).
 
 Per-call cost: the structure check (one dict comparison per module, in C), a read of each
 variable's array, and ``jax.jit``'s own dispatch (measured by ``benchmarks/run.py --only
@@ -106,7 +106,7 @@ _CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
 def cached(key: Hashable, build: Callable[[], Callable]) -> Callable:
     """The compiled function cached under ``key``, built by ``build()`` (which returns a
     ``jax.jit`` function) on a miss: the one cache of compiled functions in invnet (the
-    models' methods, `invnet.compile`, `invnet.fit`'s step and evaluation), bounded to
+    models' methods, `invnet.freeze`, `invnet.fit`'s step and evaluation), bounded to
     `CACHE_SIZE` entries, the least recently used dropped first. An unhashable key (an
     objective or optimizer that cannot be hashed) builds afresh, uncached."""
     try:
@@ -193,7 +193,7 @@ class Snapshot:
         every variable holds the array it held when they were built (the staleness rule of
         the methods), rebuilt after any change. Each layer is told which of its own methods
         the call runs (``run``): its ``inverse``, or its ``forward`` inside an odd number of
-        `invnet.Inverse` wrappers. ``lu_inverse``: `invnet.compile`'s option."""
+        `invnet.Inverse` wrappers. ``lu_inverse``: `invnet.freeze`'s option."""
         held = self._prepared.get((direction, lu_inverse))
         if held is not None and all(r() is a for r, a in zip(held[0], arrays, strict=True)):
             return held[1]

@@ -9,7 +9,7 @@ For one model and one batch size, times each operation in each way of running it
   compilation), ``call`` (the model's own method as a user calls it, e.g.
   ``model.forward(x)`` or ``flow.sample(key, n)``), ``jit`` (as written: ``nnx.split`` once and
   ``jax.jit`` of a function that merges and calls the method) and ``compiled``
-  (`invnet.compile`, precomputed inverses).
+  (`invnet.freeze`, precomputed inverses).
 
 Fair comparison: every mode is first called (trace, compile, run: reported apart as
 ``first_call_s``) and warmed up (``warmup`` calls); then the ``repeats`` timed samples are
@@ -38,7 +38,7 @@ JSON schema (``BenchReport.to_dict()``, ``invnet bench --json``), version ``invn
     versions           {"jax": str, "invnet": str}
     repeats, warmup    int
     min_time           float, seconds
-    compile_build_s    float | null: seconds of invnet.compile(model) (null: not compiled)
+    compile_build_s    float | null: seconds of invnet.freeze(model) (null: not compiled)
     peak_memory_bytes  int | null: device's peak bytes in use after the run (null where the
                        backend reports none, e.g. CPUs)
     results            [{"op": str, "mode": str, "time_s": float (median),
@@ -155,7 +155,7 @@ class BenchReport:
         trip = ", ".join(f"{k} {v:.1e}" for k, v in self.round_trip.items())
         lines.append(f"round trip (max|x' - x| / max|x|): {trip}")
         if self.compile_build_s is not None:
-            lines.append(f"invnet.compile(model): {_fmt_s(self.compile_build_s)}")
+            lines.append(f"invnet.freeze(model): {_fmt_s(self.compile_build_s)}")
         for mode, why in self.skipped.items():
             lines.append(f"skipped {mode}: {why}")
         return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Fast inference: a model turned into pure jitted functions with precomputed inverses.
 
-``invnet.compile(model)`` returns a `Compiled` object. It snapshots the model's state,
+``invnet.freeze(model)`` returns a `Compiled` object. It snapshots the model's state,
 precomputes from it what can be precomputed, and jit-compiles pure functions of that
 snapshot for both directions. Each direction's matrices are formed when it is first called
 (the forward needs ``W``, the inverse ``W^{-1}``), so a model only ever inverted never
@@ -46,7 +46,7 @@ and ``fast.pure()`` give the new snapshot (same functions, no recompilation).
 ``fast.apply(x)`` / ``fast.apply_inverse(y)`` return ``y`` / ``x`` alone: XLA then drops
 the log-det work, which for elementwise layers costs more than the map itself.
 
-The module is ``invnet.compiled``; ``invnet.compile`` is the function.
+The module is ``invnet.compiled``; ``invnet.freeze`` is the function.
 
 Accuracy of the LU inverse methods, measured (``python benchmarks/inverse_accuracy.py``:
 float32 layer from ``W = Q1 diag(s) Q2^T``, D=256, batch 512, CPU, precision "highest";
@@ -77,7 +77,7 @@ Example:
     >>> import jax, jax.numpy as jnp, invnet
     >>> from flax import nnx
     >>> model = invnet.Sequential(invnet.LULinear(4, rngs=nnx.Rngs(0)), invnet.LeakyReLU(0.5))
-    >>> fast = invnet.compile(model)
+    >>> fast = invnet.freeze(model)
     >>> x = jnp.ones((2, 4))
     >>> y, log_det = fast.forward(x)
     >>> x_back, _ = fast.inverse(y)
@@ -105,6 +105,7 @@ from invnet import _runtime
 from invnet.core import Bijector, nodes, using_prepared
 
 __all__ = [
+    "freeze",
     "compile",
     "Compiled",
     "CompiledTraceError",
@@ -180,7 +181,7 @@ def _pure_function(graphdef, treedef, direction: str, kind: str):
 class Compiled:
     """Pure, jitted forward and inverse of a model with precomputed matrices.
 
-    Build with `invnet.compile`. Call ``forward(x, cond=None) -> (y, log_det)``,
+    Build with `invnet.freeze`. Call ``forward(x, cond=None) -> (y, log_det)``,
     ``inverse(y, cond=None) -> (x, log_det)`` and ``log_det(x, cond=None)`` like the
     model's own methods; ``fwd, inv = compiled`` unpacks the two bound methods. Every call
     first checks that the model has not changed since the snapshot (else
@@ -239,7 +240,7 @@ class Compiled:
         if not self._snap.holds(self.model, self._arrays):
             raise StaleCompiledError(
                 "this compiled model was built from parameters that have since changed; "
-                "call .refresh() (or invnet.compile(model) again) to rebuild it"
+                "call .refresh() (or invnet.freeze(model) again) to rebuild it"
             )
 
     # ------------------------------------------------------------------------- calls
@@ -301,13 +302,30 @@ class Compiled:
         return f"Compiled({type(self.model).__name__}, lu_inverse={self.lu_inverse!r})"
 
 
-def compile(model: Bijector, *, lu_inverse: str = "matrix") -> Compiled:  # noqa: A001
-    """Turn ``model`` into fast jitted forward/inverse functions of its current parameters.
+def freeze(model: Bijector, *, lu_inverse: str = "matrix") -> Compiled:
+    """Freeze ``model``'s current parameters into pure jitted forward/inverse functions: for
+    use inside your own ``jax.jit`` (``fns, snapshot = frozen.pure()``), for the log-det-free
+    ``apply`` / ``apply_inverse``, and to choose the LU inverse method.
 
-    Returns a `Compiled`: ``fast.forward(x)``, ``fast.inverse(y)``, ``fast.log_det(x)``, or
-    ``fwd, inv = invnet.compile(model)``. ``lu_inverse`` is ``"matrix"`` (default, one GEMM),
-    ``"matrix+refine"`` (one refinement step, for ill-conditioned layers) or ``"solve"``
-    (triangular solves). See the module docstring for the accuracy of each.
-    Raises `StaleCompiledError` when called after the model's parameters changed.
+    The model's own methods already run compiled, with the same precomputed inverses, and
+    can never be stale; reach for ``freeze`` when you need pure functions of an explicit
+    snapshot. Returns a `Compiled`: ``frozen.forward(x)``, ``frozen.inverse(y)``,
+    ``frozen.log_det(x)``, or ``fwd, inv = invnet.freeze(model)``. ``lu_inverse`` is
+    ``"matrix"`` (default, one GEMM), ``"matrix+refine"`` (one refinement step, for
+    ill-conditioned layers) or ``"solve"`` (triangular solves). See the module docstring for
+    the accuracy of each. Raises `StaleCompiledError` when called after the model's
+    parameters changed (``refresh()`` rebuilds).
     """
     return Compiled(model, lu_inverse=lu_inverse)
+
+
+def compile(model: Bijector, *, lu_inverse: str = "matrix") -> Compiled:  # noqa: A001
+    """The former name of `freeze` (a ``DeprecationWarning``; same result)."""
+    import warnings
+
+    warnings.warn(
+        "invnet.freeze(model) is now invnet.freeze(model): the model's own methods already "
+        "run compiled; freeze gives pure functions of a snapshot", DeprecationWarning,
+        stacklevel=2,
+    )  # fmt: skip
+    return freeze(model, lu_inverse=lu_inverse)

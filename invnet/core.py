@@ -34,7 +34,7 @@ it for a whole model with `invnet.set_precision(model, mode)`.
 What a layer knows about itself lives on the layer (defaults here, overridden in the
 layer's own file): `Bijector.error_bound` (how much a round trip can amplify rounding,
 used by `invnet.verify`), `Bijector.prepare` / `forward_prepared` / `inverse_prepared` (what
-`invnet.compile` precomputes and how it is applied), `Bijector.not_ready` /
+`invnet.freeze` precomputes and how it is applied), `Bijector.not_ready` /
 `reset_data_init` (data-dependent initialisation). Every tool walks a model through
 `invnet.walk`: `nodes` (every bijector, for settings and hooks) or `steps` (the leaf layers
 in the order ``forward`` applies them, for per-layer checks), both built from each
@@ -89,7 +89,7 @@ LAYER_TYPES: dict[str, type[Bijector]] = {}
 @contextlib.contextmanager
 def using_prepared(table: dict[int, Any]):
     """Within this block, each layer whose ``id`` is in ``table`` runs its
-    ``forward_prepared`` / ``inverse_prepared`` with those arrays (used by `invnet.compile`)."""
+    ``forward_prepared`` / ``inverse_prepared`` with those arrays (used by `invnet.freeze`)."""
     with _context.using(prepared=table):
         yield
 
@@ -238,9 +238,9 @@ class Bijector(nnx.Module):
         return 1.0, "unknown, assumed 1"
 
     def prepare(self, **options: Any) -> Any:
-        """Arrays `invnet.compile` precomputes from the current parameters for fast
+        """Arrays `invnet.freeze` precomputes from the current parameters for fast
         inference (e.g. an explicit inverse matrix), or ``None`` to run as written.
-        ``options`` are `invnet.compile`'s (e.g. ``lu_inverse``); ignore unknown ones."""
+        ``options`` are `invnet.freeze`'s (e.g. ``lu_inverse``); ignore unknown ones."""
         del options
         return None
 

@@ -229,7 +229,7 @@ class Reversible(Delegate):
     def _call(self, x, cond, inverse: bool):
         x = self._check_input(x, "y" if inverse else "x", inverse=inverse)
         cond = self._check_cond(cond, x, inverse=inverse)
-        if prepared_active():  # inside invnet.compile: inference only, run the model as it is
+        if prepared_active():  # inside invnet.freeze: inference only, run the model as it is
             return self.model.inverse(x, cond=cond) if inverse else self.model.forward(x, cond=cond)
         for node in nodes(self.model):
             problem = node.not_ready()

@@ -1,4 +1,4 @@
-"""invnet.compile (module invnet.compiled): compiled equals eager, never stale (also
+"""invnet.freeze (module invnet.compiled): compiled equals eager, never stale (also
 inside a jit), y-only calls, inverse-method accuracy bounds.
 
 Tolerances: float64 compares compiled and eager to 1e-10 relative (they differ only by the
@@ -78,7 +78,7 @@ def test_compiled_equals_eager(eager, method, dtype, tol):
     """Forward, inverse and log-det of every layer type, compiled vs eager."""
     model, x, cond, y, log_det, x_back = eager[dtype]
     with jax.enable_x64(dtype == "float64"):
-        fast = invnet.compile(model, lu_inverse=method)
+        fast = invnet.freeze(model, lu_inverse=method)
         y_c, log_det_c = fast.forward(x, cond=cond)
         x_c, inv_log_det_c = fast.inverse(y, cond=cond)
         log_det_only = fast.log_det(x, cond=cond)
@@ -99,7 +99,7 @@ def _assert_close(x, y, log_det, x_back, y_c, log_det_c, x_c, inv_log_det_c, log
 def test_unpacks_into_two_functions():
     layer = perturb(invnet.LULinear(DIM, rngs=nnx.Rngs(0)), 0.2)
     x = jax.random.normal(jax.random.key(2), (5, DIM))
-    fwd, inv = invnet.compile(layer)
+    fwd, inv = invnet.freeze(layer)
     y, _ = fwd(x)
     assert _rel(inv(y)[0], x) <= 2e-5
 
@@ -108,7 +108,7 @@ def test_stale_compiled_is_refused_and_refresh_rebuilds():
     r = nnx.Rngs(0)
     model = perturb(invnet.Sequential(invnet.LULinear(DIM, rngs=r), invnet.LeakyReLU(0.5)), 0.2)
     x, cond = jax.random.normal(jax.random.key(2), (5, DIM)), None
-    fast = invnet.compile(model)
+    fast = invnet.freeze(model)
     fwd, inv = fast
     y, _ = fwd(x, cond=cond)
     perturb(model, 0.05, seed=7)  # an optimizer step would do the same
@@ -136,12 +136,12 @@ def test_stale_compiled_is_refused_and_refresh_rebuilds():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="lu_inverse"):
-        invnet.compile(invnet.LeakyReLU(0.5), lu_inverse="cholesky")
+        invnet.freeze(invnet.LeakyReLU(0.5), lu_inverse="cholesky")
     with pytest.raises(TypeError, match="Bijector"):
-        invnet.compile(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        invnet.freeze(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="data_init"):
-        invnet.compile(invnet.ActNorm(3))
-    fast = invnet.compile(invnet.LULinear(4, rngs=nnx.Rngs(0)))
+        invnet.freeze(invnet.ActNorm(3))
+    fast = invnet.freeze(invnet.LULinear(4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="expected last axis of size 4"):
         fast.forward(jnp.ones((2, 5)))
 
@@ -150,7 +150,7 @@ def test_bad_arguments():
 def test_tf32x3_off_gpu_is_a_clear_error():
     model = invnet.set_precision(invnet.LULinear(4, rngs=nnx.Rngs(0)), "tf32x3")
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-        invnet.compile(model)
+        invnet.freeze(model)
 
 
 def _conditioned(dim, kappa, seed=0):
@@ -172,7 +172,7 @@ def test_inverse_method_accuracy_bound(method, kappa):
     w = (lower @ upper)[perm.astype(int)]
     x = np.random.default_rng(1).standard_normal((64, dim)).astype(np.float32)
     y = (x.astype(np.float64) @ w.T + np.asarray(layer.bias[...], np.float64)).astype(np.float32)
-    x_hat = invnet.compile(layer, lu_inverse=method).inverse(jnp.asarray(y))[0]
+    x_hat = invnet.freeze(layer, lu_inverse=method).inverse(jnp.asarray(y))[0]
     err = np.abs(np.asarray(x_hat, np.float64) - x).max() / np.abs(x).max()
     assert err <= 30 * np.finfo(np.float32).eps * np.linalg.cond(w)
 
@@ -180,7 +180,7 @@ def test_inverse_method_accuracy_bound(method, kappa):
 def test_y_only_calls_equal_the_full_ones():
     layer = perturb(invnet.LULinear(DIM, rngs=nnx.Rngs(0)), 0.2)
     x = jax.random.normal(jax.random.key(2), (5, DIM))
-    fast = invnet.compile(invnet.Sequential(layer, invnet.LeakyReLU(0.5)))
+    fast = invnet.freeze(invnet.Sequential(layer, invnet.LeakyReLU(0.5)))
     y, _ = fast.forward(x)
     assert jnp.array_equal(fast.apply(x), y)
     assert jnp.array_equal(fast.apply_inverse(y), fast.inverse(y)[0])
@@ -192,7 +192,7 @@ def test_captured_in_a_users_jit_is_refused_and_pure_functions_stay_fresh():
     functions take the snapshot as an argument."""
     model = perturb(invnet.Sequential(invnet.LULinear(DIM, rngs=nnx.Rngs(0))), 0.2)
     x = jax.random.normal(jax.random.key(2), (5, DIM))
-    fast = invnet.compile(model)
+    fast = invnet.freeze(model)
     with pytest.raises(invnet.CompiledTraceError, match="pure"):
         jax.jit(lambda v: fast.forward(v)[0])(x)
     with pytest.raises(invnet.CompiledTraceError):
@@ -212,3 +212,11 @@ def test_captured_in_a_users_jit_is_refused_and_pure_functions_stay_fresh():
     assert _rel(jf(snapshot, x), expected) <= 2e-5
     x_back = jax.jit(lambda s, v: fns.apply_inverse(s, v))(snapshot, expected)
     assert _rel(x_back, x) <= 2e-5
+
+
+def test_the_former_name_compile_warns_and_gives_the_same_object():
+    model = invnet.Sequential(invnet.LULinear(3, rngs=nnx.Rngs(0)))
+    with pytest.warns(DeprecationWarning, match="now invnet.freeze"):
+        old = invnet.compile(model)
+    assert isinstance(old, invnet.Compiled) and isinstance(invnet.freeze(model), invnet.Compiled)
+    assert "compile" not in invnet.__all__ and "freeze" in invnet.__all__

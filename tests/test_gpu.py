@@ -47,7 +47,7 @@ def test_compiled_round_trip_per_precision(mode):
     dim = 4096
     layer = invnet.set_precision(_layer(dim), mode)
     x = jax.random.normal(jax.random.key(2), (8192, dim))
-    fast = invnet.compile(layer)
+    fast = invnet.freeze(layer)
     y, log_det = fast.forward(x)
     x_back, inv_log_det = fast.inverse(y)
     err = _rel(x_back, x)
@@ -92,7 +92,7 @@ def test_reversible_gradients_on_gpu():
     )
 
 
-# a deep LU + LeakyReLU + coupling model, jitted without invnet.compile
+# a deep LU + LeakyReLU + coupling model, jitted without invnet.freeze
 def _deep_model(dim, rngs):
     layers = []
     for _ in range(4):

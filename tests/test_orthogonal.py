@@ -44,7 +44,7 @@ def test_float32_round_trip_does_not_grow_with_depth():
 
 def test_compiled_uses_the_float64_matrix():
     layer = invnet.Householder(8, rngs=nnx.Rngs(3))
-    fast = invnet.compile(layer)
+    fast = invnet.freeze(layer)
     x = jax.random.normal(jax.random.key(1), (16, 8), jnp.float32)
     y = fast.forward(x)[0]
     np.testing.assert_allclose(y, layer(x), atol=1e-5)

@@ -150,7 +150,7 @@ def test_compile_forms_each_directions_matrices_when_first_needed():
     model = _model()
     x = _x()
     y = model.forward(x)[0]
-    fast = invnet.compile(model)
+    fast = invnet.freeze(model)
     assert fast._snap._prepared == {}  # nothing formed by compile itself
     x_back, log_det = fast.inverse(y)
     assert list(fast._snap._prepared) == [("inverse", "matrix")]  # no W for the forward

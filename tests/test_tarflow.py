@@ -183,7 +183,7 @@ def test_builder_goes_through_fit_verify_compile_save_load():
     assert history.train_loss[-1] < history.train_loss[0]
     report = invnet.verify(flow, x[:16])
     assert report.ok, report.failures
-    fast = invnet.compile(flow)
+    fast = invnet.freeze(flow)
     y, _ = flow.forward(x[:4])
     assert _max(fast.forward(x[:4])[0] - y) < 1e-5
     assert _max(fast.inverse(y)[0] - x[:4]) < 1e-4

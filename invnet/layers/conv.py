@@ -28,7 +28,7 @@ class Conv1x1(LULinear):
     * Inverse: ``x = U^{-1} L^{-1} P^T (y - b)`` per pixel: two C x C triangular solves
       form the inverse matrix once (as `invnet.LULinear` does for batches of >= C rows),
       then one GEMM over the pixels.
-      Called on concrete arrays (and in `invnet.compile`) the inverse applies ``W^{-1}``
+      Called on concrete arrays (and in `invnet.freeze`) the inverse applies ``W^{-1}``
       precomputed in float64 from the factors once per parameter version
       (`LULinear.prepare`), so it is one GEMM, like the forward.
     * Init: as `invnet.LULinear` (``init="random"``, ``"orthogonal"`` or ``"identity"``);

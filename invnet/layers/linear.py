@@ -172,14 +172,14 @@ class LULinear(Bijector):
       Called on concrete arrays, ``inverse`` (of the layer or of a model holding it) instead
       applies ``W^{-1}`` precomputed in float64 (`prepare`) once per parameter version by
       the runtime: one GEMM, like the forward; the first call after a parameter change
-      forms it (O(D^3) on the host). `invnet.compile` uses the same matrices.
+      forms it (O(D^3) on the host). `invnet.freeze` uses the same matrices.
     * Init: ``init="random"`` (default): a random permutation ``P`` and random signs, and
       ``L``, ``U`` off-diagonals drawn from ``N(0, 0.3^2 / D)``, ``log_scale = 0``: the
       factors start well conditioned at every size (cond(L), cond(U) ~ 2), so the
       triangular products and solves lose only a few ulps. ``init="orthogonal"`` factors a
       random rotation: ``W`` is perfectly conditioned but its pivoted LU factors are not
       (cond(L) ~ cond(U) ~ 80 at D=64, 2.4e3 at D=1024), which costs the eager round trip
-      accuracy at large D (4.5e-5 relative at D=1024 in float32; `invnet.compile`, which
+      accuracy at large D (4.5e-5 relative at D=1024 in float32; `invnet.freeze`, which
       forms ``W`` in float64, does not lose it). ``init="identity"`` starts at ``W = I``.
       The bias starts at 0.
     * ``LULinear.from_matrix(W, b)`` takes any trained, finite, non-singular square matrix.
@@ -409,7 +409,7 @@ class LULinear(Bijector):
         """``W`` and ``W^{-1} = U^{-1} L^{-1} P^T`` formed in float64 on the host from the
         factors, then rounded once to the parameter dtype (``lu_inverse="solve"``: nothing,
         the layer's own triangular solves run). ``run`` names the layer's methods the caller
-        will run; only what they use is formed (`invnet.compile` runs both; a model's
+        will run; only what they use is formed (`invnet.freeze` runs both; a model's
         default ``inverse`` only ``W^{-1}``, and ``W`` for layers inside an `invnet.Inverse`).
 
         Cost, with BLAS-3 routines that use the triangles: ``W = L U`` by one triangular

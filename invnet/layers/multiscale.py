@@ -44,7 +44,7 @@ class FactorOut(Bijector):
     A multi-branch layer: its `Bijector.branches` (a split of the channels, ``rest`` on the
     second part, a join into the flat vector) let the model walk (`invnet.walk.steps`) open
     it, so `invnet.verify` checks and reports every layer inside with its path (e.g.
-    ``model[3].rest[0]``), and `invnet.compile`, `invnet.set_precision`, `invnet.data_init`
+    ``model[3].rest[0]``), and `invnet.freeze`, `invnet.set_precision`, `invnet.data_init`
     and `invnet.save` / `invnet.load` reach them. Its `Bijector.error_bound` is the product
     of ``rest``'s layers' bounds.
 

@@ -34,7 +34,7 @@ class Householder(Bijector):
       as one ``D x D`` product over a batch of ``D`` samples. Fewer reflections make a
       cheaper, restricted mixing (``Q`` then differs from ``I`` only on an
       ``R``-dimensional subspace).
-    * `invnet.compile` uses ``Q`` formed once in float64 (`prepare`), so a compiled stack's
+    * `invnet.freeze` uses ``Q`` formed once in float64 (`prepare`), so a compiled stack's
       matrices are orthogonal to the working precision.
     * Init: ``v_i ~ N(0, I)`` from ``rngs``: a random orthogonal mixing, like `Permute`.
 
@@ -111,7 +111,7 @@ class Householder(Bijector):
 
     def prepare(self, **options: Any):
         """``Q`` formed in float64 on the host, rounded once to the parameter dtype, for
-        `invnet.compile`: orthogonal to the dtype's precision whatever ``reflections`` is."""
+        `invnet.freeze`: orthogonal to the dtype's precision whatever ``reflections`` is."""
         del options
         v = np.asarray(self.vectors[...], np.float64)
         norm = np.sqrt(np.sum(v * v, axis=-1, keepdims=True))

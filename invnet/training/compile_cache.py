@@ -24,7 +24,7 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None,
     ``directory`` (default: ``$XDG_CACHE_HOME/invnet/jax``, else ``~/.cache/invnet/jax``),
     and a later process compiling the same program on the same JAX version and machine
     reads it back instead of compiling: `invnet.fit`'s first step, ``log_prob``,
-    `invnet.compile`'s functions alike. The cache never changes results; it only skips
+    `invnet.freeze`'s functions alike. The cache never changes results; it only skips
     work. Delete the directory to clear it. This sets ``jax_compilation_cache_dir`` and
     ``jax_persistent_cache_min_compile_time_secs`` for the whole process.
 
