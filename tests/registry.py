@@ -41,6 +41,7 @@ VARIANTS = {
     "AdditiveCoupling-cond",
     "Permute-reverse",
     "Sequential-nested",
+    "Sequential-image-to-vector",
     "Householder-2",
     "SplineCoupling-cond-mask",
     "MaskedAutoregressive-spline-cond",
@@ -51,8 +52,8 @@ VARIANTS = {
     "ConvAffineCoupling-cond",
     "ConvAdditiveCoupling-cond",
     "Dequantize-image",
+    "TransformerAutoregressive-image",
     "TransformerAutoregressive-image-cond-reverse-jacobi",
-    "TransformerAutoregressive-vector",
     "TransformerAutoregressive-vector-cond-spline",
 }
 

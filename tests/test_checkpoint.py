@@ -247,6 +247,7 @@ def test_save_errors_name_the_users_path(tmp_path):
             folder.chmod(0o700)
 
 
+@pytest.mark.extended  # a subprocess killed mid-save; CI runs it
 def test_sigkill_during_save_keeps_the_previous_file_and_the_next_save_cleans_up(tmp_path):
     path = tmp_path / "ckpt.invnet"
     first = _model(seed=0)

@@ -296,8 +296,10 @@ def _public_layer_types():
 
 def test_every_public_layer_is_in_the_registry():
     covered = set()
-    for case in CASES:
-        for _, node in nnx.iter_graph(build(case, "float64")):
+    # the default command's cases alone (variants run under -m extended) reach every type
+    for case in [c for c in CASES if c.name not in VARIANTS]:
+        # only the layer types matter: no data init, no perturbation
+        for _, node in nnx.iter_graph(case.build(jnp.dtype("float64"), nnx.Rngs(0))):
             covered.add(type(node))
     missing = {t.__name__ for t in _public_layer_types()} - {t.__name__ for t in covered}
     assert not missing, f"public layers missing from tests/registry.py: {sorted(missing)}"

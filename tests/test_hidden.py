@@ -89,6 +89,7 @@ def test_saliency_of_a_conditional_model():
         invnet.saliency(block, x)
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_saliency_on_images_is_per_pixel():
     """An image model's saliency has the image's shape (it used to treat the last axis,
     the channels, as the model's input)."""

@@ -113,6 +113,7 @@ def test_batch_size_must_divide_over_the_devices(four_devices):
     assert "28 or 32" in error
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_docs_example_resumes_on_four_devices(tmp_path):
     # the docs' "Several devices" example: mesh="all" on 4 devices, then a resume
     page = (ROOT / "docs" / "guide" / "checkpoints-and-scaling.md").read_text()

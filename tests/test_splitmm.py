@@ -149,6 +149,7 @@ def test_corrected_products_reach_float32_accuracy():
     assert errs["default"] >= 50 * max(errs[m] for m in splitmm.CORRECTED), errs
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_batched_and_float64_operands():
     a = jax.random.normal(jax.random.key(2), (3, 5, 8), jnp.float32)
     b = jax.random.normal(jax.random.key(3), (8, 4), jnp.float32)
@@ -192,6 +193,7 @@ def test_corrected_on_gpu():
     assert err("bf16_corrected") <= 4 * highest
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_dot_general_and_flax_linear():
     """Any contraction (here the batch-of-matrices one), and nnx.Linear's dot_general hook."""
     from flax import nnx
@@ -213,6 +215,7 @@ def test_dot_general_and_flax_linear():
         splitmm.dot_general_fn("fast")
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_scoped_conv_is_corrected():
     """A convolution splits like a matmul: emulated tensor cores, float32-level error."""
     x = jax.random.normal(jax.random.key(9), (2, 6, 6, 8), jnp.float32)
@@ -239,6 +242,7 @@ def test_scoped_conv_is_corrected():
     "kind",
     ["maf", *(pytest.param(k, marks=pytest.mark.extended) for k in ("affine", "spline", "conv"))],
 )
+@pytest.mark.extended  # slow; CI runs it
 def test_conditioners_follow_the_corrected_mode(kind, monkeypatch):
     """set_precision(model, "tf32_corrected") reaches the conditioners' products (3 tensor-
     core products each, emulated here), with float32-level results; an inner layer set back

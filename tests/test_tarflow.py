@@ -106,6 +106,7 @@ def test_verify_fails_naming_the_unconverged_layer():
     assert good.certificates["model[0]"]["method"] == "sequential"
 
 
+@pytest.mark.extended  # slow; CI runs it
 @pytest.mark.parametrize("transformer", ["affine", "spline"])
 def test_masked_autoregressive_jacobi(transformer):
     maf = invnet.MaskedAutoregressive(
@@ -127,6 +128,7 @@ def test_masked_autoregressive_jacobi(transformer):
         assert bool(jnp.isnan(maf.inverse(y)[0]).any())
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_a_loose_tolerance_stops_early_within_it():
     """With tol > 0 a sample stops when a sweep moves it less than tol (relative); the
     stop is per sample and the result is within about tol of the exact inverse."""

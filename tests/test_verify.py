@@ -165,6 +165,7 @@ def test_bad_inputs_raise_clear_errors():
         invnet.verify(cinn, jnp.ones((3, D), jnp.float32))
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_docs_verification_example_runs():
     """The first example of the docs' verification page runs as a user would see it: float32
     (x64 off)."""
@@ -179,6 +180,7 @@ def test_docs_verification_example_runs():
     assert isinstance(namespace["net"], invnet.Sequential)
 
 
+@pytest.mark.extended  # slow; CI runs it
 def test_reversible_model_gives_one_row_per_layer_with_its_bound():
     x = jax.random.normal(jax.random.key(0), (16, D), jnp.float32)
     model = ill_conditioned_model(condition=1e3)

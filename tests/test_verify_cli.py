@@ -42,6 +42,7 @@ def test_healthy_model_passes_exit_0(healthy, tmp_path, capsys):
     assert report["float64"]["roundtrip_rel"] < 1e-12
 
 
+@pytest.mark.extended  # subprocesses; CI runs it
 def test_ill_conditioned_model_fails_exit_1(tmp_path, capsys):
     path = invnet.save(ill_conditioned_model(), tmp_path / "ill.invnet")
     assert main(["verify", str(path), "--json", "--samples", "32", "--no-float64"]) == 1
@@ -92,6 +93,7 @@ def test_subprocess_exit_codes(healthy, tmp_path):
     assert "PASS" in ok.stdout
 
 
+@pytest.mark.extended  # subprocesses; CI runs it
 def test_csv_data_is_read(healthy, tmp_path, capsys):
     data = tmp_path / "x.csv"
     np.savetxt(data, np.asarray(jax.random.normal(jax.random.key(4), (12, D))), delimiter=",")
@@ -125,6 +127,7 @@ def test_cond_for_an_unconditional_model_is_an_error(healthy, tmp_path, capsys):
     assert "not conditional" in capsys.readouterr().err
 
 
+@pytest.mark.extended  # subprocesses; CI runs it
 def test_rank3_model_with_flat_csv_rows(tmp_path, capsys):
     model = invnet.Sequential(
         invnet.ActNorm(2, event_ndim=3),
@@ -141,6 +144,7 @@ def test_rank3_model_with_flat_csv_rows(tmp_path, capsys):
         assert report["event_shape"] == [4, 4, 2] and report["output_event_shape"] == [32]
 
 
+@pytest.mark.extended  # subprocesses; CI runs it
 def test_closed_pipe_ends_quietly(healthy):
     """`invnet verify m.invnet | head`: the reader is gone before the report is written."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
