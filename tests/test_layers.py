@@ -198,6 +198,31 @@ def test_coupling_identity_at_init_and_clamped_scale():
         invnet.AffineCoupling(4, mask=[True] * 4, rngs=nnx.Rngs(0))
 
 
+def test_conditioner_features_of_a_one_dimensional_input_are_not_all_kinked_at_zero():
+    """With zero hidden biases every ReLU feature of a 1-D input was ``relu(w x)``: the
+    conditioner was positively homogeneous at init (``h(2x) = 2 h(x)``), one kink at 0, so a
+    2-D coupling started unable to bend its splines anywhere else and trained slowly (the
+    2-D ring of examples/11_variational.py). Hidden biases start uniform on
+    ``+-1/sqrt(fan_in)`` (PyTorch's and equinox's default); the output layer stays zero."""
+    mlp = invnet.MLP(1, (64, 64), 3, rngs=nnx.Rngs(0))
+    for layer, fan_in in zip(mlp.hidden_layers, (1, 64), strict=True):
+        bias = np.asarray(layer.bias[...])
+        assert np.all(np.abs(bias) <= 1 / np.sqrt(fan_in)) and np.std(bias) > 0.1 / np.sqrt(fan_in)
+    np.testing.assert_array_equal(mlp.out.kernel[...], 0.0)
+
+    def features(x):
+        h = x
+        for layer in mlp.hidden_layers:
+            h = jax.nn.relu(layer(h))
+        return h
+
+    x = jnp.array([[0.7]])
+    assert float(jnp.max(jnp.abs(features(2 * x) - 2 * features(x)))) > 1e-2
+    block = invnet.SplineCoupling(2, hidden=(16,), rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(0), (5, 2))
+    np.testing.assert_allclose(block.forward(z)[0], z, atol=1e-6)  # still the identity
+
+
 def test_user_conditioner():
     class Cond(nnx.Module):
         def __init__(self):
