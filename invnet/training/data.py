@@ -135,7 +135,7 @@ def split_validation(data, val_data, val_fraction: float, key):
     val = {k: jnp.asarray(v) for k, v in val_data.items() if v is not None}
     missing = set(data) - set(val)
     if missing:
-        raise ValueError(f"invnet.fit: val_data lacks {sorted(missing)}")
+        raise ValueError(f"invnet.fit: the validation dict lacks {sorted(missing)}")
     return data, val, key
 
 
