@@ -57,11 +57,22 @@ else
   status=1; cat "$DEST/bench.log"
 fi
 
+# TarFlow inverse on the device: sequential (KV cache) vs jacobi sweeps at several tolerances;
+# jacobi's parallel sweeps are meant for accelerators (on 2 CPU cores sequential won)
+tf=(--epochs 2)
+if [ "${QUICK:-0}" = "1" ]; then tf=(--epochs 1 --repeats 3); fi
+"$PY" benchmarks/tarflow.py "${tf[@]}" --json "$DEST/tarflow_gpu.json" 2>&1 | tee "$DEST/tarflow.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# LU layers: the default inverse against the forward (interleaved medians)
+"$PY" benchmarks/lu_speed.py --only ratio 2>&1 | tee "$DEST/lu_speed.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 if "$PY" -c "import pytest" 2>/dev/null; then
   "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py tests/test_splitmm.py -q -p no:cacheprovider 2>&1 | tee "$DEST/pytest_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "pytest is not installed: GPU tests (tests/test_gpu.py) skipped" | tee "$DEST/pytest_gpu.log"
 fi
-echo "results in $DEST (results.json, table.md, plot.png, splitmm.md, images_gpu.md, run.log, pytest_gpu.log)"
+echo "results in $DEST (results.json, table.md, plot.png, splitmm.md, images_gpu.md, tarflow_gpu.json, lu_speed.log, run.log, pytest_gpu.log)"
 exit $status
