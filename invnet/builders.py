@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from invnet.containers import Sequential
+from invnet.distributions import StudentT
 from invnet.flows import Flow
 from invnet.layers import (
     ActNorm,
@@ -59,7 +60,24 @@ def _check(name: str, layers, mixing: str) -> None:
         raise ValueError(f"{name}: mixing must be one of {_MIXINGS}, got {mixing!r}")
 
 
-def _stack(dim, layers, mixing, actnorm, param_dtype, rngs, make_block) -> Flow:
+BASES = ("normal", "student")
+
+
+def _base(name, base, dim: int, param_dtype):
+    """The flow's base: ``"normal"`` (standard normal), ``"student"`` (a learnable
+    `invnet.StudentT`: location, scale and one shared ``df``, started at 10 so the flow
+    begins near the Gaussian), or any `invnet.Distribution` as given."""
+    if base is None or (isinstance(base, str) and base == "normal"):
+        return None
+    if isinstance(base, str) and base == "student":
+        return StudentT(dim, df=10.0, learn_df=True, param_dtype=param_dtype)
+    if isinstance(base, str):
+        raise ValueError(f"{name}: base must be one of {BASES} or an invnet.Distribution, "
+                         f"got {base!r}")  # fmt: skip
+    return base
+
+
+def _stack(dim, layers, mixing, actnorm, param_dtype, rngs, make_block, base=None) -> Flow:
     """``[mixing] [ActNorm] block`` repeated ``layers`` times (no mixing before the first)."""
     blocks = []
     for i in range(layers):
@@ -68,7 +86,7 @@ def _stack(dim, layers, mixing, actnorm, param_dtype, rngs, make_block) -> Flow:
         if actnorm:
             blocks.append(ActNorm(dim, param_dtype=param_dtype))
         blocks.append(make_block())
-    return Flow(Sequential(*blocks))
+    return Flow(Sequential(*blocks), base)
 
 
 def affine_flow(
@@ -81,6 +99,7 @@ def affine_flow(
     actnorm: bool = False,
     cond_dim: int = 0,
     activation: str = "tanh",
+    base: str | Any = "normal",
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
 ) -> Flow:
@@ -98,6 +117,11 @@ def affine_flow(
     activation keeps the scale and shift of points beyond the training range bounded.
     Standardise the data first. Every coupling starts as the identity.
 
+    ``base``: ``"normal"`` (default), ``"student"`` (a learnable Student-t with one shared
+    degrees of freedom, for heavy-tailed data: coupling maps with bounded scales cannot
+    turn a Gaussian into a heavy tail, so the base has to carry it), or any
+    `invnet.Distribution`.
+
     Reference: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
 
     Example:
@@ -109,6 +133,7 @@ def affine_flow(
         (5,)
     """
     _check("affine_flow", layers, mixing)
+    base = _base("affine_flow", base, dim, param_dtype)
 
     def block():
         return AffineCoupling(
@@ -116,7 +141,7 @@ def affine_flow(
             param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
 
-    return _stack(dim, layers, mixing, actnorm, param_dtype, rngs, block)
+    return _stack(dim, layers, mixing, actnorm, param_dtype, rngs, block, base)
 
 
 def spline_flow(
@@ -131,6 +156,7 @@ def spline_flow(
     mixing: str = "permute",
     actnorm: bool = False,
     activation: str = "relu",
+    base: str | Any = "normal",
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
 ) -> Flow:
@@ -147,7 +173,7 @@ def spline_flow(
     inside). Every block starts as the identity. `benchmarks/quality.py` tried other
     mixings, bounds and activations on its tuning data sets and found none better by mean
     rank within its budget, so these defaults stayed (see the model-quality page of the
-    docs).
+    docs). ``base`` as in `affine_flow` (``"normal"``, ``"student"`` or a distribution).
 
     Reference: Durkan et al., "Neural Spline Flows", NeurIPS 2019.
 
@@ -160,6 +186,7 @@ def spline_flow(
         (5,)
     """
     _check("spline_flow", layers, mixing)
+    base = _base("spline_flow", base, dim, param_dtype)
 
     def block():
         if autoregressive:
@@ -172,4 +199,4 @@ def spline_flow(
             activation=activation, param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
 
-    return _stack(dim, layers, mixing, actnorm, param_dtype, rngs, block)
+    return _stack(dim, layers, mixing, actnorm, param_dtype, rngs, block, base)
