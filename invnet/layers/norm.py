@@ -122,9 +122,11 @@ class ActNorm(Bijector):
             # step that passes the model's state in): a conditional runs the batch
             # statistics only while the layer is uninitialised, not on every step
             stored = (self.bias[...], self.log_scale[...])
-            bias, log_scale = jax.lax.cond(
-                done, lambda: stored, lambda: tuple(v.astype(s.dtype) for v, s in zip(fresh(), stored))
-            )
+
+            def fresh_as_stored():
+                return tuple(v.astype(s.dtype) for v, s in zip(fresh(), stored, strict=True))
+
+            bias, log_scale = jax.lax.cond(done, lambda: stored, fresh_as_stored)
         elif bool(done):
             bias, log_scale = self.bias[...], self.log_scale[...]
         else:
