@@ -15,8 +15,9 @@ warm-up), in a rotating order, so load drift hits all of them alike. Reported: t
 over rounds of ms per step, the spread (the 25th and 75th percentiles), and the 1-minute
 load average before, after and at every round (the machine is shared).
 
-    python benchmarks/glow_step.py                      # about 1 minute on 2 cores
-    python benchmarks/glow_step.py --rounds 15 --out benchmarks/results/glow_step_cpu.json
+    python benchmarks/glow_step.py      # 1-3 minutes on 2 cores (longer when they are busy:
+                                        # torch's default threads then slow down many-fold)
+    python benchmarks/glow_step.py --compare-before --torch-threads 1 --out results.json
 """
 
 from __future__ import annotations
