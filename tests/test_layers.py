@@ -257,6 +257,39 @@ def test_actnorm_data_init_standardises_and_keeps_params_after():
     np.testing.assert_allclose(fresh.bias[...], norm.bias[...], atol=1e-10)
 
 
+def _primitives_outside_cond(jaxpr) -> set[str]:
+    """Names of the primitives a jaxpr runs unconditionally (not inside a ``cond``)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name == "cond":
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives_outside_cond(inner)
+    return names
+
+
+def test_actnorm_in_a_traced_step_computes_batch_statistics_only_when_uninitialised():
+    """A training step that passes the model's state in (``nnx.split`` + ``jax.jit``) sees
+    ActNorm's init flag as a tracer: the batch statistics (finite check, mean, variance)
+    must then sit behind a conditional, not run (and be thrown away) on every step."""
+    x = 5.0 + 2.0 * jax.random.normal(jax.random.key(0), (64, 4, 4, 3))
+    norm = invnet.ActNorm(3, event_ndim=3, param_dtype=jnp.float64)
+    graphdef, state = nnx.split(norm)
+    step = jax.jit(lambda s, v: nnx.merge(graphdef, s).forward(v)[0])
+    jaxpr = jax.make_jaxpr(lambda s, v: nnx.merge(graphdef, s).forward(v)[0])(state, x)
+    assert "is_finite" not in _primitives_outside_cond(jaxpr.jaxpr)
+    # uninitialised: the traced step standardises the batch; initialised: stored values
+    y = step(state, x)
+    np.testing.assert_allclose(y.mean((0, 1, 2)), 0.0, atol=1e-8)
+    invnet.data_init(norm, x + 3.0)
+    _, state = nnx.split(norm)
+    np.testing.assert_allclose(step(state, x), y - 3.0 * jnp.exp(norm.log_scale[...]), atol=1e-8)
+
+
 def test_sequential_slicing_and_intermediates():
     rngs = nnx.Rngs(0)
     model = invnet.Sequential(

@@ -107,16 +107,31 @@ class ActNorm(Bijector):
         ``nnx.merge`` made in an outer trace) the values are used for this call only and the
         layer stays as it was.
         """
-        mean, std = self._finite_stats(x)
         dt = self.bias[...].dtype  # the stored dtype (param_dtype, unless cast, as verify's
         # float64 re-run casts it)
-        if inverse:  # x = y * exp(-log_scale) - bias = (y - mean) / std
-            new_bias, new_log_scale = (mean / std).astype(dt), jnp.log(std).astype(dt)
-        else:  # y = (x + bias) * exp(log_scale) = (x - mean) / std
-            new_bias, new_log_scale = (-mean).astype(dt), (-jnp.log(std)).astype(dt)
-        done = jnp.asarray(False if force else self.initialized[...])
-        bias = jnp.where(done, self.bias[...], new_bias)
-        log_scale = jnp.where(done, self.log_scale[...], new_log_scale)
+
+        def fresh():
+            mean, std = self._finite_stats(x)
+            if inverse:  # x = y * exp(-log_scale) - bias = (y - mean) / std
+                return (mean / std).astype(dt), jnp.log(std).astype(dt)
+            # y = (x + bias) * exp(log_scale) = (x - mean) / std
+            return (-mean).astype(dt), (-jnp.log(std)).astype(dt)
+
+        done = False if force else self.initialized[...]
+        if isinstance(done, jax.core.Tracer):
+            # the flag is only known when the compiled step runs (e.g. a jitted training
+            # step that passes the model's state in): a conditional runs the batch
+            # statistics only while the layer is uninitialised, not on every step
+            stored = (self.bias[...], self.log_scale[...])
+
+            def fresh_as_stored():
+                return tuple(v.astype(s.dtype) for v, s in zip(fresh(), stored, strict=True))
+
+            bias, log_scale = jax.lax.cond(done, lambda: stored, fresh_as_stored)
+        elif bool(done):
+            bias, log_scale = self.bias[...], self.log_scale[...]
+        else:
+            bias, log_scale = fresh()
         try:
             self.bias[...] = bias
             self.log_scale[...] = log_scale

@@ -5,6 +5,8 @@ Each transformer is a small frozen (hashable) description with three pure method
 
     n_params                       raw parameters per element
     forward(x, raw) -> (y, log tau'(x))        elementwise; raw has shape x.shape + (n_params,)
+                                               (Affine, Additive: or a tuple of
+                                               n_params arrays shaped like x)
     inverse(y, raw) -> (x, log (tau^-1)'(y))   the exact inverse; its log-derivative is minus
                                                the forward one at the matching point
 
@@ -59,23 +61,32 @@ __all__ = [
 TRANSFORMER_NAMES = ("affine", "additive", "spline")
 
 
+def _part(raw, i: int) -> jax.Array:
+    """Raw parameter ``i`` of every element: ``raw[..., i]``, or ``raw[i]`` where the caller
+    passes the parameters as a tuple of arrays (`Transformed` does for the param-major
+    conditioner outputs of the affine and additive couplings: slices of the output's
+    channels, with no transpose to build and differentiate)."""
+    return raw[i] if isinstance(raw, tuple) else raw[..., i]
+
+
 @dataclass(frozen=True)
 class Affine:
     """``y = x exp(s) + t``, ``s = clamp tanh(s_raw / clamp)``; raw ``(s_raw, t)``."""
 
     clamp: float = 2.0
     n_params = 2
+    takes_parts = True  # raw may be the tuple (s_raw, t)
 
-    def log_scale(self, raw: jax.Array) -> jax.Array:
-        return self.clamp * jnp.tanh(raw[..., 0] / self.clamp)
+    def log_scale(self, raw: jax.Array | tuple) -> jax.Array:
+        return self.clamp * jnp.tanh(_part(raw, 0) / self.clamp)
 
     def forward(self, x, raw):
         s = self.log_scale(raw)
-        return x * jnp.exp(s) + raw[..., 1], s
+        return x * jnp.exp(s) + _part(raw, 1), s
 
     def inverse(self, y, raw):
         s = self.log_scale(raw)
-        return (y - raw[..., 1]) * jnp.exp(-s), -s
+        return (y - _part(raw, 1)) * jnp.exp(-s), -s
 
     def error_bound(self) -> tuple[float, str]:
         return math.exp(2.0 * self.clamp), "exp(2*clamp)"
@@ -86,12 +97,13 @@ class Additive:
     """``y = x + t``; raw ``(t,)``; log-derivative 0."""
 
     n_params = 1
+    takes_parts = True  # raw may be the tuple (t,)
 
     def forward(self, x, raw):
-        return x + raw[..., 0], jnp.zeros_like(x)
+        return x + _part(raw, 0), jnp.zeros_like(x)
 
     def inverse(self, y, raw):
-        return y - raw[..., 0], jnp.zeros_like(y)
+        return y - _part(raw, 0), jnp.zeros_like(y)
 
     def error_bound(self) -> tuple[float, str]:
         return 1.0, "additive: 1"
@@ -164,6 +176,9 @@ class Transformed:
     def _raw(self, x_a, cond):
         out = self._conditioner_out(self._conditioner_input(x_a), cond)
         k = self.transformer.n_params
+        if self._param_major and getattr(self.transformer, "takes_parts", False):
+            n = out.shape[-1] // k  # parameter i of every element: channels [i n, (i+1) n)
+            return tuple(out[..., i * n : (i + 1) * n] for i in range(k))
         if self._param_major:
             raw = out.reshape(*out.shape[:-1], k, out.shape[-1] // k)
             return jnp.swapaxes(raw, -1, -2)
