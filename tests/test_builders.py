@@ -64,3 +64,21 @@ def test_alternating_permutation_moves_the_transformed_half_to_the_front(dim):
     for layer in flow.bijector:
         if isinstance(layer, invnet.Permute):
             assert set(np.asarray(layer.perm[...])[:half].tolist()) <= set(range(half, dim))
+
+
+@pytest.mark.parametrize("builder", [invnet.affine_flow, invnet.spline_flow])
+def test_builders_take_a_base(builder, tmp_path):
+    x = jax.random.normal(jax.random.key(0), (4, 3), jnp.float32)
+    student = builder(3, layers=2, hidden=(8,), base="student", rngs=nnx.Rngs(0))
+    assert isinstance(student.base, invnet.StudentT)
+    assert {k for k in nnx.state(student.base, nnx.Param)} >= {"log_df"}  # df is learnt
+    normal = builder(3, layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    z, log_det = normal.forward(x)  # same bijector (same seed); only the base differs
+    expected = student.base.log_prob(z) + log_det
+    np.testing.assert_allclose(student.log_prob(x), expected, rtol=1e-6)
+    given = invnet.GaussianMixture(3, components=2, rngs=nnx.Rngs(1))
+    assert builder(3, layers=2, hidden=(8,), base=given, rngs=nnx.Rngs(0)).base is given
+    invnet.save(student, tmp_path / "s.invnet")
+    assert isinstance(invnet.load(tmp_path / "s.invnet").base, invnet.StudentT)
+    with pytest.raises(ValueError, match="base must be one of"):
+        builder(3, base="cauchy", rngs=nnx.Rngs(0))
