@@ -294,7 +294,7 @@ def _jit_calls(model, x, cond, key, n):
 
 
 def _compiled_calls(model, x, cond, key, n):
-    from invnet.compiled import compile as compile_model
+    from invnet.compiled import freeze as compile_model
 
     t0 = time.perf_counter()
     fast = compile_model(model)

@@ -324,7 +324,7 @@ def compile(model: Bijector, *, lu_inverse: str = "matrix") -> Compiled:  # noqa
     import warnings
 
     warnings.warn(
-        "invnet.freeze(model) is now invnet.freeze(model): the model's own methods already "
+        "invnet.compile(model) is now invnet.freeze(model): the model's own methods already "
         "run compiled; freeze gives pure functions of a snapshot", DeprecationWarning,
         stacklevel=2,
     )  # fmt: skip

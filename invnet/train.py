@@ -196,6 +196,10 @@ def fit(
     _initialise_from_data(model, prepared.train, eval_batch_size)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # nnx.split's states share storage with the model's variables, and checkpoint writes
+    # update the model: the loop keeps copies of its own (else a resumed run's best
+    # parameters, which start as the split state, would follow every checkpoint written)
+    params, rest = jax.tree.map(lambda a: a, (params, rest))
     tx, state = _start(params, rest, optimizer, learning_rate, prepared.key, ckpt)
     clock.before = state.history.seconds
     state.place(placement)

@@ -50,7 +50,7 @@ def _comparable(history):
 
 def _run(model, tmp, **kw):
     args = dict(
-        validation=0.25, epochs=EPOCHS, batch_size=16, key=3, learning_rate=3e-2,
+        validation=0.25, epochs=EPOCHS, batch_size=16, key=4, learning_rate=3e-2,
         checkpoints=invnet.Checkpoints(tmp, every=1, save_best=True), progress=False,
         optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-2)),
     )  # fmt: skip
@@ -110,6 +110,24 @@ def test_resume_from_last_continues_training(uninterrupted, tmp_path):
     reference = _run(longer, tmp_path / "b", epochs=EPOCHS + 2)
     assert extended.train_loss[:EPOCHS] == history.train_loss
     assert _comparable(extended) == _comparable(reference)
+    for a, b in zip(_state(more), _state(longer), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_from_last_when_its_best_epoch_was_the_last_one(tmp_path):
+    """With ``key=3`` the best validation loss falls in the last epoch, so ``last.invnet``
+    stores the best parameters once, as the loop's. A resumed run used to take the model's
+    own (split) state for them, which later checkpoint writes overwrote: it ended at its
+    last parameters instead of the best ones."""
+    first = _run(_flow(), tmp_path / "first", key=3)
+    assert first.best_epoch == EPOCHS - 1
+    more = _flow(seed=1)
+    extended = _run(more, tmp_path / "a", key=3, epochs=EPOCHS + 2,
+                    resume_from=tmp_path / "first" / "last.invnet")  # fmt: skip
+    longer = _flow()
+    reference = _run(longer, tmp_path / "b", key=3, epochs=EPOCHS + 2)
+    assert _comparable(extended) == _comparable(reference)
+    assert reference.best_epoch < EPOCHS + 1  # the run ends on its restored best
     for a, b in zip(_state(more), _state(longer), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -436,14 +436,23 @@ class LULinear(Bijector):
                 prepared["refine"] = ()  # structure only: one step of iterative refinement
         return prepared
 
+    @staticmethod
+    def _narrower(prepared, name: str, dtype) -> bool:
+        """The precomputed matrix is missing, or rounded to a narrower dtype than the call
+        computes in (float32 parameters, float64 data): then the layer's own products,
+        exact in the call's dtype from the factors, are used instead."""
+        if name not in prepared:
+            return True
+        return jnp.finfo(prepared[name].dtype).bits < jnp.finfo(dtype).bits
+
     def forward_prepared(self, prepared, x, cond):
-        if "weight" not in prepared:  # prepared for the inverse only
+        if self._narrower(prepared, "weight", x.dtype):  # inverse-only, or too narrow
             return self._forward(x, cond)
         weight = prepared["weight"].astype(x.dtype)
         return self._gemm(x, weight.T) + self._bias(x.dtype), self._log_det(x)
 
     def inverse_prepared(self, prepared, y, cond):
-        if "weight_inv" not in prepared:  # prepared for the forward only
+        if self._narrower(prepared, "weight_inv", y.dtype):  # forward-only, or too narrow
             return self._inverse(y, cond)
         dt = y.dtype
         weight_inv = prepared["weight_inv"].astype(dt)

@@ -121,10 +121,20 @@ class Householder(Bijector):
             q = q - 2.0 * np.outer(u_i, u_i @ q)
         return {"q": jnp.asarray(q, self.param_dtype)}
 
+    @staticmethod
+    def _narrower(prepared, dtype) -> bool:
+        """``Q`` was rounded to a narrower dtype than the call computes in (float32
+        parameters, float64 data): the layer's own product is exact in the call's dtype."""
+        return jnp.finfo(prepared["q"].dtype).bits < jnp.finfo(dtype).bits
+
     def forward_prepared(self, prepared, x, cond):
+        if self._narrower(prepared, x.dtype):
+            return self._forward(x, cond)
         return x @ prepared["q"].astype(x.dtype).T, self._zero_log_det(x)
 
     def inverse_prepared(self, prepared, y, cond):
+        if self._narrower(prepared, y.dtype):
+            return self._inverse(y, cond)
         return y @ prepared["q"].astype(y.dtype), self._zero_log_det(y)
 
     def error_bound(self) -> tuple[float, str]:
