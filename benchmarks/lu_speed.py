@@ -51,7 +51,7 @@ def ratio(dim: int = 64, batch: int = 4096, rounds: int = 40) -> None:
     calls = {
         "model.forward": lambda: model.forward(x),
         "model.inverse": lambda: model.inverse(y),
-        "compile(model).inverse": lambda: fast.inverse(y),
+        "freeze(model).inverse": lambda: fast.inverse(y),
     }
     for fn in calls.values():  # compile and warm up
         jax.block_until_ready(fn())
