@@ -168,10 +168,10 @@ class Snapshot:
     def current(self, model) -> bool:
         """Whether the model still has the structure this snapshot was taken from."""
         try:
-            if vars(model) != self.root_items:
+            if not _same_attributes(vars(model), self.root_items):
                 return False
-            for attributes, copy in self.modules:  # dict ==: identity first, in C
-                if attributes != copy:
+            for attributes, copy in self.modules:
+                if not _same_attributes(attributes, copy):
                     return False
             return True
         except Exception:  # noqa: BLE001 - an attribute that cannot be compared: re-split
@@ -186,6 +186,19 @@ class Snapshot:
         return self.current(model) and all(
             v.get_raw_value() is a for v, a in zip(self.variables, arrays, strict=True)
         )
+
+    def adopt_equal(self, arrays: list) -> bool:
+        """Whether every variable holds ``arrays``' values, if not the same objects: a
+        read-only `nnx.jit` call over the model writes each variable back as a new array of
+        equal value, which is not a change. If so, ``arrays`` is updated in place to the new
+        objects (the next check is by identity again). Values are compared on the host, only
+        for the variables whose object changed; NaN equals NaN."""
+        current = self.arrays()
+        for held, now in zip(arrays, current, strict=True):
+            if held is not now and not _equal_values(held, now):
+                return False
+        arrays[:] = current
+        return True
 
     def prepared(self, model, arrays: list, direction: str, *, lu_inverse: str = "matrix") -> list:
         """Each node's ``prepare()`` arrays (in the order of `nodes`) for running ``model`` in
@@ -211,6 +224,38 @@ class Snapshot:
         ]
         self._prepared[(direction, lu_inverse)] = ([_reference(a) for a in arrays], tables)
         return tables
+
+
+# nnx's own bookkeeping on every module (the trace state it was last updated under): any
+# nnx transform (nnx.jit, nnx.grad) over the model replaces it, which changes no structure
+_BOOKKEEPING = frozenset({"_pytree__state", "_object__state"})
+
+
+def _same_attributes(now: dict, copy: dict) -> bool:
+    """Whether a module's attributes are those of ``copy``, nnx's bookkeeping aside; when
+    only the bookkeeping differs, ``copy`` takes it (the next check is one dict ``==``,
+    identity first, in C)."""
+    if now == copy:
+        return True
+    if now.keys() != copy.keys():
+        return False
+    for key, value in now.items():
+        if key not in _BOOKKEEPING and value is not copy[key] and not bool(value == copy[key]):
+            return False
+    copy.update({key: now[key] for key in _BOOKKEEPING if key in now})
+    return True
+
+
+def _equal_values(a, b) -> bool:
+    """Whether two variable values are equal arrays (same shape, dtype and elements)."""
+    try:
+        if np.shape(a) != np.shape(b) or getattr(a, "dtype", None) != getattr(b, "dtype", None):
+            return False
+        u, v = np.asarray(a), np.asarray(b)
+        floating = np.issubdtype(u.dtype, np.inexact)
+        return bool(np.array_equal(u, v, equal_nan=floating))
+    except Exception:  # noqa: BLE001 - e.g. PRNG key arrays: treat as changed
+        return False
 
 
 def _reference(a) -> Callable:

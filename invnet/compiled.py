@@ -236,8 +236,11 @@ class Compiled:
         return found
 
     def _check_fresh(self) -> None:
-        # O(#modules + #variables) comparisons, no graph walk: a few microseconds per call
-        if not self._snap.holds(self.model, self._arrays):
+        # O(#modules + #variables) comparisons, no graph walk: a few microseconds per call;
+        # where a variable holds a new array (nnx.jit writes them all back), its values
+        if not self._snap.holds(self.model, self._arrays) and not (
+            self._snap.current(self.model) and self._snap.adopt_equal(self._arrays)
+        ):
             raise StaleCompiledError(
                 "this compiled model was built from parameters that have since changed; "
                 "call .refresh() (or invnet.freeze(model) again) to rebuild it"

@@ -51,32 +51,32 @@ def _rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
-@pytest.fixture(scope="module")
-def eager():
-    """The model, inputs and the layers' own outputs per dtype, computed once (the layers'
+@functools.cache
+def _eager(dtype):
+    """The model, inputs and the layers' own outputs for one dtype, computed once (the layers'
     methods as written, run under one jax.jit: op-by-op dispatch is slow on small CPUs)."""
-    out = {}
-    for dt in (jnp.float64, jnp.float32):
-        with jax.enable_x64(dt == jnp.float64):
-            model, x, cond = _prepared(dt)
-            graphdef, state = nnx.split(model)
+    dt = jnp.dtype(dtype)
+    with jax.enable_x64(dt == jnp.float64):
+        model, x, cond = _prepared(dt)
+        graphdef, state = nnx.split(model)
 
-            @jax.jit
-            def run(state, x, cond, graphdef=graphdef):
-                m = nnx.merge(graphdef, state)
-                y, log_det = m.forward(x, cond=cond)
-                return y, log_det, m.inverse(y, cond=cond)[0]
+        @jax.jit
+        def run(state, x, cond):
+            m = nnx.merge(graphdef, state)
+            y, log_det = m.forward(x, cond=cond)
+            return y, log_det, m.inverse(y, cond=cond)[0]
 
-            y, log_det, x_back = run(state, x, cond)
-            out[jnp.dtype(dt).name] = (model, x, cond, y, log_det, x_back)
-    return out
+        y, log_det, x_back = run(state, x, cond)
+        return model, x, cond, y, log_det, x_back
 
 
 @pytest.mark.parametrize("method", invnet.LU_INVERSE_METHODS)
-@pytest.mark.parametrize("dtype, tol", [("float64", 1e-10), ("float32", 2e-5)])
-def test_compiled_equals_eager(eager, method, dtype, tol):
+@pytest.mark.parametrize(
+    "dtype, tol", [("float32", 2e-5), pytest.param("float64", 1e-10, marks=pytest.mark.extended)]
+)
+def test_compiled_equals_eager(method, dtype, tol):
     """Forward, inverse and log-det of every layer type, compiled vs eager."""
-    model, x, cond, y, log_det, x_back = eager[dtype]
+    model, x, cond, y, log_det, x_back = _eager(dtype)
     with jax.enable_x64(dtype == "float64"):
         fast = invnet.freeze(model, lu_inverse=method)
         y_c, log_det_c = fast.forward(x, cond=cond)
@@ -220,3 +220,24 @@ def test_the_former_name_compile_warns_and_gives_the_same_object():
         old = invnet.compile(model)
     assert isinstance(old, invnet.Compiled) and isinstance(invnet.freeze(model), invnet.Compiled)
     assert "compile" not in invnet.__all__ and "freeze" in invnet.__all__
+
+
+def test_a_read_only_nnx_jit_call_does_not_make_a_frozen_model_stale():
+    """nnx.jit writes every variable of a model passed in back as a new array, even when the
+    call only reads them (an evaluation): the frozen model used to call that a change and
+    raise StaleCompiledError. Equal values are not a change; different ones still are."""
+    model = perturb(invnet.Sequential(invnet.LULinear(DIM, rngs=nnx.Rngs(0))), 0.2)
+    x = jax.random.normal(jax.random.key(2), (5, DIM))
+    fast = invnet.freeze(model)
+    y = fast.forward(x)[0]
+    evaluate = nnx.jit(lambda m, v: jnp.sum(m.forward(v)[0]))
+    evaluate(model, x)
+    assert jnp.array_equal(fast.forward(x)[0], y)  # not stale: the values are the same
+    assert _rel(fast.inverse(y)[0], x) <= 2e-5
+
+    def step(m):  # a real change, made inside nnx.jit
+        m.layers[0].bias[...] = m.layers[0].bias[...] + 1.0
+
+    nnx.jit(step)(model)
+    with pytest.raises(invnet.StaleCompiledError):
+        fast.forward(x)

@@ -82,6 +82,21 @@ def test_never_stale_after_updates_and_structural_changes():
         _close(y, model.forward(x, cond=c))
 
 
+def test_an_nnx_transform_over_the_model_is_not_a_structural_change():
+    """Any nnx transform over the model (an nnx.jit evaluation, a training step) replaces
+    nnx's bookkeeping attribute on every module; the runtime used to take that for a new
+    structure and split the model and form its tables again on the next call."""
+    model, (x, c) = _model(), _data()
+    model.forward(x, cond=c)
+    snap = _runtime.snapshot(model)
+    nnx.jit(lambda m, v: m.forward(v, cond=c)[0])(model, x)
+    assert _runtime.snapshot(model) is snap
+    perturb(model, 0.1, seed=5)  # values changed: the same snapshot, fresh results
+    y = model.forward(x, cond=c)
+    with invnet.eager():
+        _close(y, model.forward(x, cond=c))
+
+
 def test_inside_user_transformations_it_traces_as_written():
     model, (x, c) = _model(), _data()
     y = model.forward(x, cond=c)[0]
