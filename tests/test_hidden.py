@@ -71,7 +71,8 @@ def test_saliency_matches_the_analytic_jacobian(model):
     h1 = model[:1](x)
     slope = jnp.where(h1 < 0, 0.3, 1.0)  # h_2 = leaky(h_1): diag(slope) W
     assert jnp.allclose(invnet.saliency(model, x, layer=2), slope[..., None] * w, atol=1e-12)
-    full = jax.vmap(jax.jacfwd(model))(x.reshape(-1, D)).reshape(2, 3, D, D)
+    full = nnx.jit(lambda m, v: jax.vmap(jax.jacfwd(m))(v))(model, x.reshape(-1, D))
+    full = full.reshape(2, 3, D, D)
     assert jnp.allclose(invnet.saliency(model, x, output=2), full[..., 2, :], atol=1e-12)
     assert jnp.allclose(invnet.saliency(model, x, output=[3, 0]), full[..., [3, 0], :], atol=1e-12)
     with pytest.raises(ValueError, match="out of range"):

@@ -96,6 +96,7 @@ def test_four_devices_match_one_device(four_devices):
     assert r["param_diff"] < 1e-5  # observed 6e-7
 
 
+@pytest.mark.extended  # the same subprocess
 def test_batches_are_sharded_inside_the_step(four_devices):
     r = four_devices
     # inside the training step, the (64, 2) batch is split along its batch axis over the
@@ -107,6 +108,7 @@ def test_batches_are_sharded_inside_the_step(four_devices):
     assert r["all_devices"] == 4
 
 
+@pytest.mark.extended  # the same subprocess
 def test_batch_size_must_divide_over_the_devices(four_devices):
     error = four_devices["error"]
     assert error is not None and "batch_size 30 is not divisible by the 4 devices" in error

@@ -48,8 +48,9 @@ def _close(a, b, tol=1e-12):
 
 
 def _as_written(model, y):
-    with invnet.eager():  # the layers' own triangular solves / in-call products
-        return model.inverse(y)
+    """The layers' own triangular solves / in-call products: the methods traced as written
+    inside a jit of the caller's (one compile; invnet.eager() runs the same code op by op)."""
+    return nnx.jit(lambda m, v: m.inverse(v))(model, y)
 
 
 def test_default_inverse_uses_the_precomputed_inverse_and_equals_the_solves():
@@ -78,7 +79,7 @@ def test_default_inverse_is_never_stale_after_a_parameter_change():
     _close(after, _as_written(model, y))
     # an optimizer step
     opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-    grads = nnx.grad(lambda m: jnp.sum(m.forward(x)[0] ** 2))(model)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m.forward(x)[0] ** 2)))(model)
     opt.update(model, grads)
     _close(model.inverse(y), _as_written(model, y))
     # sampling runs the inverse on the same tables
@@ -98,8 +99,7 @@ def test_default_inverse_is_never_stale_after_fit():
 
 
 def _as_written_sample(flow):
-    with invnet.eager():
-        return flow.sample(jax.random.key(2), 5, dtype=jnp.float64)
+    return nnx.jit(lambda f: f.sample(jax.random.key(2), 5, dtype=jnp.float64))(flow)
 
 
 def test_default_inverse_of_nonfinite_parameters_is_nan_with_the_warning_not_an_error():
@@ -146,6 +146,7 @@ def test_prepared_inverse_is_the_float64_inverse_rounded_once(kind):
     assert layer.prepare(lu_inverse="solve") is None
 
 
+@pytest.mark.extended  # the default-path tests above cover the same tables
 def test_compile_forms_each_directions_matrices_when_first_needed():
     model = _model()
     x = _x()

@@ -100,6 +100,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.extended  # the tests around it resume from last and from an epoch file
 def test_resume_from_last_continues_training(uninterrupted, tmp_path):
     # last.invnet's model holds the restored best parameters; the loop goes on from the
     # last ones (stored beside them), exactly as a longer uninterrupted run would

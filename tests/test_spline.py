@@ -84,7 +84,10 @@ kinds_st = arrays(np.int64, (N,), elements=st.integers(0, 5))
 fracs_st = arrays(np.float64, (N,), elements=st.floats(0, 1))
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+_ext = pytest.mark.extended  # the other cases run in CI's extended command
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=_ext)])
 @settings(max_examples=25, deadline=None)
 @given(raw=raw_st, kinds=kinds_st, fracs=fracs_st)
 def test_round_trip_on_edges_is_exact_and_finite(dtype, raw, kinds, fracs):
@@ -190,7 +193,7 @@ def test_coupling_is_identity_at_init_and_refuses_bad_settings():
             invnet.SplineCoupling(4, hidden=(8,), rngs=nnx.Rngs(0), **kwargs)
 
 
-@pytest.mark.parametrize("autoregressive", [False, True])
+@pytest.mark.parametrize("autoregressive", [False, pytest.param(True, marks=_ext)])
 def test_spline_flow_builder(autoregressive):
     flow = invnet.spline_flow(
         3, layers=2, bins=4, hidden=(8,), cond_dim=2, autoregressive=autoregressive,
@@ -231,7 +234,12 @@ def _round_trip(model, x):
 
 
 @pytest.mark.parametrize(
-    "dtype, autoregressive", [(jnp.float64, False), (jnp.float32, False), (jnp.float64, True)]
+    "dtype, autoregressive",
+    [
+        (jnp.float32, False),
+        pytest.param(jnp.float64, True, marks=_ext),
+        pytest.param(jnp.float64, False, marks=_ext),
+    ],
 )
 def test_spline_flow_round_trips_far_in_the_tails(dtype, autoregressive):
     flow = invnet.spline_flow(

@@ -66,7 +66,10 @@ def bits_of(x) -> np.ndarray:
     return np.asarray(x, F32).view(np.uint32)
 
 
-@pytest.mark.parametrize(("fn", "bits"), [(splitmm.round_tf32, 10), (splitmm.round_bf16, 7)])
+@pytest.mark.parametrize(
+    ("fn", "bits"),
+    [(splitmm.round_tf32, 10), pytest.param(splitmm.round_bf16, 7, marks=pytest.mark.extended)],
+)
 def test_rounding_is_exact_round_half_even(fn, bits):
     rng = np.random.default_rng(0)
     patterns = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
@@ -99,7 +102,9 @@ def test_nan_and_bad_input():
         splitmm.matmul(jnp.ones((2, 2), jnp.float32), jnp.ones((2, 2), jnp.float32), "fast")
 
 
-@pytest.mark.parametrize(("bits", "pieces"), [(10, 2), (7, 3)])
+@pytest.mark.parametrize(
+    ("bits", "pieces"), [(10, 2), pytest.param(7, 3, marks=pytest.mark.extended)]
+)
 def test_split_is_exact_and_pieces_are_representable(bits, pieces):
     x = jax.random.normal(jax.random.key(1), (256,)) * 10.0 ** jnp.linspace(-30, 30, 256)
     x = x.astype(jnp.float32)

@@ -78,6 +78,7 @@ def test_conditional_model_needs_cond(tmp_path, capsys):
     assert "--cond" in capsys.readouterr().err
 
 
+@pytest.mark.extended  # subprocesses; CI runs it
 def test_subprocess_exit_codes(healthy, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "invnet.cli", "verify"]
