@@ -9,6 +9,7 @@ draws fresh random examples on every run (how new bugs are found: run it in a lo
 import os
 
 import jax
+import pytest
 from hypothesis import settings
 
 jax.config.update("jax_enable_x64", True)
@@ -36,6 +37,32 @@ def pytest_configure(config):
     if fast and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+# Every compiled function keeps its machine code mapped into the process (about three memory
+# maps per executable on XLA:CPU), and Linux caps a process at vm.max_map_count maps (65,530
+# by default). A pytest-xdist worker of the extended run compiles tens of thousands of
+# functions (op by op references, one function per contract case and dtype, ...); past the
+# cap XLA's compiler crashed the worker with a segmentation fault (seen in CI at ~65% of the
+# extended run). After any test that leaves the process above MAP_BUDGET maps, JAX's
+# compilation caches are cleared: the executables only those caches hold are freed and
+# their maps with them (the next test recompiles what it needs).
+MAP_BUDGET = 20_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such cap to stay under
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _stay_under_the_memory_map_cap():
+    yield
+    if _memory_maps() > MAP_BUDGET:
+        jax.clear_caches()
 
 
 settings.register_profile("repeatable", derandomize=True, print_blob=True)
