@@ -44,10 +44,18 @@ def pytest_configure(config):
 # by default). A pytest-xdist worker of the extended run compiles tens of thousands of
 # functions (op by op references, one function per contract case and dtype, ...); past the
 # cap XLA's compiler crashed the worker with a segmentation fault (seen in CI at ~65% of the
-# extended run). After any test that leaves the process above MAP_BUDGET maps, JAX's
-# compilation caches are cleared: the executables only those caches hold are freed and
-# their maps with them (the next test recompiles what it needs).
-MAP_BUDGET = 20_000
+# extended run). After any test that leaves the process above MAP_BUDGET maps (60% of the
+# cap), JAX's compilation caches are cleared: the executables only those caches hold are
+# freed and their maps with them (the next test recompiles what it needs).
+def _map_cap() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as cap:
+            return int(cap.read())
+    except (OSError, ValueError):
+        return 65_530
+
+
+MAP_BUDGET = int(0.6 * _map_cap())
 
 
 def _memory_maps() -> int:
