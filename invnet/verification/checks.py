@@ -90,14 +90,29 @@ def _per_layer(walk, x, y, cond, certificates):
 
 
 def _jacobian(fn, points, conds, conditional: bool):
-    """``(slogdet, cond)`` of the ``D x D`` Jacobian of ``fn`` on each flattened point."""
+    """``(slogdet, jacobian)`` of the ``D x D`` Jacobian of ``fn`` on each flattened point
+    (its condition number is taken on the host, `_condition_numbers`)."""
     shape = points.shape[1:]
 
     def single(v, c):
         return fn(v.reshape(shape), cond=c if conditional else None)[0].reshape(-1)
 
     jac = jax.vmap(jax.jacrev(single))(flat(points), conds)  # rev: works through custom VJPs
-    return jnp.linalg.slogdet(jac)[1], jnp.linalg.cond(jac)
+    return jnp.linalg.slogdet(jac)[1], jac
+
+
+def _condition_numbers(jac) -> np.ndarray:
+    """``sigma_max / sigma_min`` of each Jacobian, by numpy's SVD on the host (NaN for one
+    that holds NaN/inf). Not in the jitted checks: XLA:CPU's SVD inside them left verify
+    waiting forever on a trained TarFlow model (jax 0.10.2; no thread running, a lost
+    completion), while the same program without the SVD finished."""
+    jac = np.asarray(jac, np.float64)
+    result = np.full(jac.shape[0], np.nan)
+    for i, matrix in enumerate(jac):
+        if np.all(np.isfinite(matrix)):
+            s = np.linalg.svd(matrix, compute_uv=False)
+            result[i] = s[0] / s[-1] if s[-1] > 0 else np.inf
+    return result
 
 
 def _make_checks(graphdef, n_leaves: int):
@@ -238,6 +253,9 @@ def verify(
             ("verify", graphdef, len(leaves)), lambda: _make_checks(graphdef, len(leaves))
         )
         out = jax.device_get(checks(params, fixed, inputs.x, inputs.cond, jac_idx))
+        for key in ("jac_fwd", "jac_inv"):
+            if key in out:
+                out[key] = (out[key][0], _condition_numbers(out[key][1]))
 
         failures: list[str] = []
         mask, fwd, inv, nonfinite = _model_stats(out, inputs.finite, tol_value, failures)
