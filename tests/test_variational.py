@@ -88,6 +88,33 @@ def test_importance_weighted_bound_on_a_two_component_mixture():
     assert est["ess"] > 0.5 and est["ess"] > 2 * before["ess"]
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_path_gradient_vanishes_where_the_flow_is_the_target(k):
+    """q = p exactly (the target is a copy of the flow's own density, times e^3): the path
+    gradient is zero for every batch, while the total gradient is only zero on average. For
+    K > 1 it is the doubly reparameterised IWAE gradient, zero there too."""
+    flow = _flow(blocks=1, hidden=(8,))
+    copy = nnx.clone(flow)
+
+    def target(x):
+        return LOG_C + copy.log_prob(x)
+
+    graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
+
+    def grads(gradient):
+        def loss(p):
+            model = nnx.merge(graphdef, p, rest)
+            held = nnx.merge(graphdef, jax.lax.stop_gradient(p), rest)
+            return variational._objective(model, held, target, jax.random.key(1), 32, k,
+                                          jnp.float64, None, gradient)[0]  # fmt: skip
+
+        with jax.enable_x64(True):
+            return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.grad(loss)(params))])
+
+    assert np.max(np.abs(grads("path"))) < 1e-6
+    assert np.max(np.abs(grads("total"))) > 1e-2
+
+
 def test_ctrl_c_keeps_the_last_finished_chunk(monkeypatch):
     flow = _flow(blocks=1, hidden=(8,))
     real = variational._chunk_fn
@@ -122,6 +149,8 @@ def test_bad_targets_and_arguments_are_refused():
         invnet.fit_variational(flow, correlated_gaussian, steps=0)
     with pytest.raises(TypeError, match="function"):
         invnet.fit_variational(flow, 3.0, steps=1)
+    with pytest.raises(ValueError, match="'path' or 'total'"):
+        invnet.fit_variational(flow, correlated_gaussian, steps=1, gradient="score")
 
 
 def test_nonfinite_target_steps_are_not_applied():
