@@ -332,24 +332,33 @@ def gaps(rows, sets):
 # ---------------------------------------------------------------- the search
 
 # One factor at a time from the previous defaults (affine: Permute mixing, clamp 2, relu, no
-# ActNorm; spline: Permute, bound 3, 8 bins, relu, no ActNorm; Adam 1e-3): builder arguments
+# ActNorm; spline: Permute, bound 3, 8 bins, relu, no ActNorm; both a standard normal base
+# until the base search; Adam 1e-3): builder arguments
 # ("arch") and optimizer settings ("opt", applied to both invnet families).
 # Bounded by this machine (2 shared CPU cores). Labels are relative to the previous defaults
 # (`BEFORE`); "{}" is the previous default itself. The runs recorded in the results files
 # went in this order and were stopped where the clock ran out (see the docs page).
-BEFORE = {"affine": {"mixing": "permute", "activation": "relu"}, "spline": {}}
+BEFORE = {"affine": {"mixing": "permute", "activation": "relu", "base": "normal"},
+          "spline": {"base": "normal"}}  # fmt: skip
 SEARCH = {
     "affine": [{}, {"activation": "tanh"}, {"mixing": "alternate", "activation": "tanh"},
-               {"mixing": "alternate"}, {"mixing": "lu"}, {"clamp": 5.0}, {"actnorm": True}],
+               {"mixing": "alternate"}, {"mixing": "lu"}, {"clamp": 5.0}, {"actnorm": True},
+               # 2026-12-07, from the defaults then (tanh + alternate): the base, activations
+               {"mixing": "alternate", "activation": "tanh", "base": "student"},
+               {"mixing": "alternate", "activation": "gelu"},
+               {"mixing": "alternate", "activation": "silu"},
+               {"mixing": "alternate", "activation": "tanh", "clamp": 3.0}],
     "spline": [{}, {"mixing": "alternate"}, {"bound": 5.0}, {"mixing": "lu"},
-               {"mixing": "alternate", "bound": 5.0}, {"activation": "tanh"}, {"actnorm": True}],
+               {"mixing": "alternate", "bound": 5.0}, {"activation": "tanh"}, {"actnorm": True},
+               {"base": "student"}],
     "opt": [{}, {"clip": 1.0}],
 }  # fmt: skip
 # The search's outcome: the label of each protocol model's configuration in the search files
 # (the flowjax models are the same in both).
 CHOSEN = {
-    "invnet affine": 'invnet affine {"activation": "tanh", "mixing": "alternate"}',
-    "invnet spline": "invnet spline {}",
+    "invnet affine": "invnet affine "
+    + json.dumps({"activation": "tanh", "base": "student", "mixing": "alternate"}),
+    "invnet spline": 'invnet spline {"base": "student"}',
     "flowjax affine": "flowjax affine",
     "flowjax spline": "flowjax spline",
 }

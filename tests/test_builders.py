@@ -40,13 +40,20 @@ def test_builder_layout_and_round_trip(builder, mixing, actnorm):
     assert [type(b).__name__ for b in flow.bijector] == [*norm, block, mix, *norm, block]
     x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float64)
     invnet.data_init(flow, x)  # ActNorm's data-dependent init (no-op without ActNorm)
-    _perturb(flow)
+    _perturb(flow.bijector)
+    _perturb(flow.base)
     z, log_det = flow.forward(x)
     x_back, inv_log_det = flow.inverse(z)
     np.testing.assert_allclose(x_back, x, atol=1e-10)
     np.testing.assert_allclose(log_det + inv_log_det, 0.0, atol=1e-10)
-    base = -0.5 * jnp.sum(z**2, axis=-1) - 1.5 * jnp.log(2 * jnp.pi)
-    np.testing.assert_allclose(flow.log_prob(x), base + log_det, rtol=1e-10)
+    assert isinstance(
+        flow.base, invnet.StudentT
+    )  # the default base (its formula: test_distributions)
+    np.testing.assert_allclose(flow.log_prob(x), flow.base.log_prob(z) + log_det, rtol=1e-10)
+    gaussian = builder(3, layers=2, hidden=(8,), mixing=mixing, base="normal", rngs=nnx.Rngs(0))
+    z = gaussian.forward(x)[0]
+    normal = -0.5 * jnp.sum(z**2, axis=-1) - 1.5 * jnp.log(2 * jnp.pi)
+    np.testing.assert_allclose(gaussian.log_prob(x), normal + gaussian.forward(x)[1], rtol=1e-10)
 
 
 @pytest.mark.parametrize("builder", [invnet.affine_flow, invnet.spline_flow])
@@ -82,7 +89,8 @@ def test_builders_take_a_base(builder, tmp_path):
     student = builder(3, layers=2, hidden=(8,), base="student", rngs=nnx.Rngs(0))
     assert isinstance(student.base, invnet.StudentT)
     assert {k for k in nnx.state(student.base, nnx.Param)} >= {"log_df"}  # df is learnt
-    normal = builder(3, layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    normal = builder(3, layers=2, hidden=(8,), base="normal", rngs=nnx.Rngs(0))
+    assert isinstance(normal.base, invnet.StandardNormal)
     z, log_det = normal.forward(x)  # same bijector (same seed); only the base differs
     expected = student.base.log_prob(z) + log_det
     np.testing.assert_allclose(student.log_prob(x), expected, rtol=1e-6)
