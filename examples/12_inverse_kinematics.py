@@ -26,7 +26,7 @@ prior's forward process, ``N`` posterior samples each:
 * ``Err_resim``: ``mean |f(x) - y*|^2`` over the model's samples.
 
 The model: 6 blocks of (coupling with the condition, `LULinear`), conditioners with two
-hidden layers of 128, trained on 50,000 poses for 60 epochs of batch 500 (6,000 steps)
+hidden layers of 128, trained on 200,000 poses for 50 epochs of batch 500 (20,000 steps)
 with adam, cosine-decayed from 3e-3, gradient norm clipped at 5. The poses are scaled to
 unit prior variance and the condition ``y`` standardised with the training set's mean and
 standard deviation (``y2`` lies near 1.7). The earlier version of this example (raw ``y``,
@@ -34,13 +34,16 @@ adam 1e-3, hidden 64, 2,000 steps) measured Err_resim 0.079 / 0.013 (affine / sp
 standardising ``y`` and adam 3e-3 at that size and budget gave 0.0035 (affine, 20 targets).
 
 Measured (``python examples/12_inverse_kinematics.py``, float32, a 2-core CPU shared with
-other jobs at load ~14, 12.5 min wall for both models and the evaluation; 100 targets x 1000
-samples): affine Err_post 0.0270, Err_resim 0.00089; spline Err_post 0.0119, Err_resim
-0.00010; two exact-posterior samples 0.00034. Err_resim is at the issue's target (<= 0.001)
-for both; Err_post is not (<= 0.002 / 0.001): at a smaller budget (2,000 steps, 20 targets,
-broader kernels) most targets had Err_resim near 1e-4 and the mean came from a few targets
-near full reach (``y1`` near 0, ``y2`` near 1.6-1.7), whose posterior bends between two
-elbow branches.
+one other job, 167 s / 195 s of training and evaluation for the affine / spline model;
+100 targets x 1000 samples): affine Err_post 0.0074, Err_resim 0.00014; spline Err_post
+0.0046, Err_resim 0.00002; two exact-posterior samples 0.00012. Err_resim is at the
+issue's target (<= 0.001) for both; Err_post is not (<= 0.002 / 0.001). The previous
+budget (50,000 poses, 6,000 steps) gave 0.0270 / 0.0119 on another draw of 100 targets. On
+a fixed set of 30 targets, more steps and more poses each helped (affine: 0.0090 at 6,000
+steps on 50,000 poses, 0.0048 at 20,000 steps on 50,000, 0.0046 at 20,000 on 200,000, 0.0032
+with hidden 256; spline 0.0040 at 20,000 on 200,000); the median target was 2-3x below the
+mean, which comes from a few targets near full reach (``y1`` near 0, ``y2`` near 1.6-1.7),
+whose posterior bends between two elbow branches.
 
 Writes OUT/12_inverse_kinematics.png: posterior arms for one target, both models.
 
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         n_train, epochs, blocks, hidden, n_test, n_samples = 4000, 15, 3, (32, 32), 5, 300
     else:
-        n_train, epochs, blocks, hidden, n_test, n_samples = 50_000, 60, 6, (128, 128), 100, 1000
+        n_train, epochs, blocks, hidden, n_test, n_samples = 200_000, 50, 6, (128, 128), 100, 1000
     batch, learning_rate = 500, 3e-3
     x_train = rng.normal(size=(n_train, 4)) * SIGMA
     y_train = forward_process(x_train)
