@@ -11,6 +11,13 @@ with ``Z`` unknown): a Boltzmann distribution ``exp(-E(x)/kT)``, a Bayesian post
   ``L_K = -mean_b log (1/K) sum_k w_bk``, ``w = p~(x) / q(x)``, which is tighter
   (``-log Z <= L_K <= L_1``) and less mode-seeking as ``K`` grows.
 
+The gradient (``gradient=``) is by default the path gradient: the samples are drawn
+reparameterised (one inverse pass) and their ``log q`` is taken with the parameters held
+(one forward pass), so the score term, zero in expectation, is dropped ("sticking the
+landing" for ``K = 1``, the doubly reparameterised gradient for ``K > 1``) and the
+gradient's variance vanishes where ``q = p``. ``gradient="total"`` differentiates the
+objective as written, from the inverse pass alone.
+
 Quality is measured by the importance weights ``w_i = p~(x_i) / q(x_i)``, ``x_i ~ q``:
 ``log Z ~ log mean_i w_i`` (unbiased in ``Z``) and the normalised effective sample size
 ``ESS = (sum w)^2 / (n sum w^2)`` in ``(0, 1]``, 1 when ``q = p``. Both are reported for
@@ -22,7 +29,9 @@ is not applied. Ctrl-C between or during a chunk ends training and leaves the fl
 parameters of the last finished chunk (``history.stop_reason == "interrupted"``).
 
 References: Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015;
-Burda et al., "Importance Weighted Autoencoders", ICLR 2016; Kong (1992) and Owen,
+Burda et al., "Importance Weighted Autoencoders", ICLR 2016; Roeder et al., "Sticking the
+Landing", NeurIPS 2017; Tucker et al., "Doubly Reparameterized Gradient Estimators for Monte
+Carlo Objectives", ICLR 2019; Kong (1992) and Owen,
 "Monte Carlo theory, methods and examples" (2013), ch. 9, for the ESS.
 """
 
