@@ -109,30 +109,29 @@ def _log_weights(model, log_density, key, n, dtype, cond):
     return _checked(log_density, x, log_q) - log_q
 
 
-def _objective(model, held, log_density, key, batch_size, k, dtype, cond, gradient):
+def _objective(model, held, log_density, key, batch_size, k, dtype, cond):
     """The bound's value and a surrogate whose gradient is the chosen estimator's.
 
-    ``"total"``: the plain reparameterised gradient of the bound. ``"path"``: ``log q`` is
-    taken by ``held`` (the same flow, its parameters held fixed) at the samples that
-    ``model`` draws, so gradients reach the parameters only through the samples: the score
-    term, zero in expectation, is dropped (Roeder et al.'s "sticking the landing" for
-    ``k = 1``; with ``k > 1`` each sample weighted by its squared normalised weight, Tucker
-    et al.'s doubly reparameterised IWAE gradient). Costs one forward pass more per step."""
+    ``held=None`` ("total"): the plain reparameterised gradient of the bound. Otherwise
+    ("path") ``log q`` is taken by ``held`` (the same flow, its parameters held fixed) at the
+    samples that ``model`` draws, so gradients reach the parameters only through the
+    samples: the score term, zero in expectation, is dropped (Roeder et al.'s "sticking the
+    landing" for ``k = 1``; with ``k > 1`` each sample weighted by its squared normalised
+    weight, Tucker et al.'s doubly reparameterised IWAE gradient). Costs one forward pass
+    more per step."""
     n = batch_size * k
-    if gradient == "total":
+    if held is None:
         lw = _log_weights(model, log_density, key, n, dtype, cond)
-        path = lw
     else:
         x = model.sample(key, n, cond=cond, dtype=dtype)
         log_q = held.log_prob(x, cond=cond)
-        path = _checked(log_density, x, log_q) - log_q
-        lw = path
+        lw = _checked(log_density, x, log_q) - log_q
     if k == 1:
-        loss = -jnp.mean(path)
-    elif gradient == "total":
+        loss = -jnp.mean(lw)
+    elif held is None:
         loss = -jnp.mean(logsumexp(lw.reshape(batch_size, k), axis=-1) - math.log(k))
     else:
-        grouped = path.reshape(batch_size, k)
+        grouped = lw.reshape(batch_size, k)
         weight = jax.lax.stop_gradient(jax.nn.softmax(grouped, axis=-1) ** 2)
         surrogate = -jnp.mean(jnp.sum(weight * grouped, axis=-1))
         value = -jnp.mean(logsumexp(grouped, axis=-1) - math.log(k))
@@ -153,8 +152,10 @@ def _chunk_fn(graphdef, log_density, tx, batch_size, k, dtype, steps, gradient):
 
     def loss_fn(params, rest, key, cond):
         model = nnx.merge(graphdef, params, rest)
-        held = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
-        return _objective(model, held, log_density, key, batch_size, k, dtype, cond, gradient)
+        held = None
+        if gradient == "path":
+            held = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
+        return _objective(model, held, log_density, key, batch_size, k, dtype, cond)
 
     def step(carry, key):
         params, opt_state, rest, cond = carry
