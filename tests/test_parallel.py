@@ -131,3 +131,33 @@ def test_docs_example_resumes_on_four_devices(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ckpt" / "last.invnet").is_file()
+
+
+MANY_STEPS = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from flax import nnx
+    import invnet
+
+    assert jax.device_count() == 2, jax.devices()
+    x = np.random.default_rng(0).normal(size=(16384, 8)).astype(np.float32)
+    flow = invnet.affine_flow(8, base="normal", rngs=nnx.Rngs(0))
+    h = invnet.fit(flow, x, epochs=2, batch_size=256, mesh="all", validation=0, progress=False)
+    assert len(h.train_loss) == 2 and np.all(np.isfinite(h.train_loss)), h.train_loss
+    print("done")
+    """
+)
+
+
+@pytest.mark.extended  # 2 devices in a subprocess: ~10 s
+def test_many_small_steps_on_two_cpu_devices_do_not_deadlock():
+    # 64 fast steps per epoch dispatched back to back made XLA's CPU all-reduce between the
+    # two in-process devices wait forever; after 40 s XLA aborted the process (SIGABRT)
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", MANY_STEPS],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("done")

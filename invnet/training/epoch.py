@@ -237,6 +237,9 @@ class Epochs:
                     outs.append(self._first_step(defs, carry, args, on_compile))
                 else:
                     outs.append(self.step(defs, carry, *args, i))
+                ahead = placement.max_in_flight
+                if ahead is not None and len(outs) > ahead:
+                    jax.block_until_ready(outs[-1 - ahead])
                 carry = outs[-1][0]
             losses, finite = self._host(outs)  # waits for the steps: a Ctrl-C may land here
             self._take(state, defs, outs)

@@ -16,6 +16,7 @@ class Placement:
     """Where arrays live. Single device: where JAX puts them; nothing moves."""
 
     devices = 1
+    max_in_flight: int | None = None  # training steps dispatched ahead at most (None: all)
 
     def data(self, tree):  # the training and validation arrays
         return tree
@@ -44,6 +45,12 @@ class MeshPlacement(Placement):
         self.mesh = mesh
         self.devices = mesh.shape[AXIS]
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+        # XLA's CPU all-reduce between devices of one process can deadlock (and abort the
+        # process after 40 s) when many steps are queued: seen with jax 0.10.2 on 2 cores
+        # with 32 small steps in flight, never with up to 8. Two keep the next step's
+        # dispatch overlapping the current one's work.
+        if any(d.platform == "cpu" for d in mesh.devices.flat):
+            self.max_in_flight = 2
 
     def data(self, tree):
         return replicate(tree, self.mesh)
