@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.errors import TraceContextError
 
+import invnet
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _util  # noqa: E402
@@ -102,13 +104,17 @@ def _summary(samples):
     return {"median_ms": float(q[1]), "p25_ms": float(q[0]), "p75_ms": float(q[2])}
 
 
-def invnet_step(spec, batch, precision="highest", context=contextlib.nullcontext):
+def invnet_step(spec, batch, precision="highest", context=contextlib.nullcontext, mesh=None):
     """``(call, (loss0, new_params), compile_s)``: invnet's training step on one batch,
-    traced (compiled) inside ``context()``, ready to time."""
+    traced (compiled) inside ``context()``, ready to time. With ``mesh`` (`invnet.data_mesh`)
+    the step runs data-parallel as ``invnet.fit(..., mesh=mesh)`` runs it: the batch split
+    over the mesh's devices, the parameters and optimizer state replicated."""
     flow = images._glow(spec["shape"], spec["levels"], spec["steps"], spec["hidden"], batch,
                         precision)  # fmt: skip
     x = images._images(spec["shape"], batch)
     step, state = images._train_step(flow)
+    if mesh is not None:
+        state, x = invnet.replicate(state, mesh), invnet.shard_batch(x, mesh)
     with context():
         t0 = time.perf_counter()
         params, _, loss0 = jax.block_until_ready(step(*state, x))
@@ -132,6 +138,13 @@ def main(argv=None) -> int:
         default=[],
         help="extra torch thread counts to time beside torch's default",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="also time invnet's step data-parallel over this many CPU devices "
+        "(jax_num_cpu_devices; the one-device row runs on the first of them)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--compare-before",
@@ -139,6 +152,8 @@ def main(argv=None) -> int:
         help="also time invnet's step as traced before issue 19's changes",
     )
     args = parser.parse_args(argv)
+    if args.cpu_devices:  # before anything starts JAX's backends
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     load_before = os.getloadavg()
     env = _util.env_info(jax.default_backend())
     peer, info = images.load_normflows()  # before anything sets a torch thread count
@@ -146,6 +161,16 @@ def main(argv=None) -> int:
     call, (loss0, params), compile_s = invnet_step(SPEC, args.batch)
     calls["invnet (jax.jit, XLA CPU defaults)"] = call
     extra = {"invnet_compile_s": compile_s, "invnet_loss_first": float(loss0)}
+    if args.cpu_devices and args.cpu_devices > 1:
+        mesh = invnet.data_mesh(args.cpu_devices)
+        call_m, (loss_m, params_m), compile_m = invnet_step(SPEC, args.batch, mesh=mesh)
+        calls[f"invnet data-parallel, {args.cpu_devices} CPU devices"] = call_m
+        extra["data_parallel_compile_s"] = compile_m
+        extra["data_parallel_vs_one_device_max_abs_diff"] = max(  # summation order differs
+            [float(jnp.abs(loss_m - loss0))]
+            + [float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+               zip(jax.tree.leaves(params_m), jax.tree.leaves(params), strict=True)]
+        )  # fmt: skip
     if args.compare_before:
         call_b, (loss_b, params_b), _ = invnet_step(SPEC, args.batch, context=before_glow_step)
         calls["invnet before issue 19's changes"] = call_b
@@ -191,6 +216,9 @@ def main(argv=None) -> int:
     base = next(iter(rows.values()))["median_ms"]
     print(f"load average before {load_before}, after {load_after}")
     print(f"OMP_WAIT_POLICY={result['omp_wait_policy']} XLA_FLAGS={result['xla_flags']}")
+    if "data_parallel_vs_one_device_max_abs_diff" in extra:
+        print(f"data-parallel vs one device, loss and parameters after one step: max |diff| "
+              f"{extra['data_parallel_vs_one_device_max_abs_diff']:.1e}")  # fmt: skip
     if "before_vs_now_max_abs_diff" in extra:
         print(f"before vs now, loss and parameters after one step: max |diff| "
               f"{extra['before_vs_now_max_abs_diff']:.1e}")  # fmt: skip

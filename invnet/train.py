@@ -149,7 +149,10 @@ def fit(
         mesh: ``None`` (one device), ``"all"`` (every local device) or a
             `jax.sharding.Mesh` with a ``"data"`` axis (`invnet.data_mesh`): each batch is
             split over that axis, parameters and optimizer state are replicated. The batch
-            size must be a multiple of the number of devices on the axis.
+            size must be a multiple of the number of devices on the axis. On a multi-core
+            CPU, ``jax.config.update("jax_num_cpu_devices", cores)`` before any JAX
+            operation and ``mesh="all"`` train an image model data-parallel over the
+            cores (a 32x32x3 Glow 1.3-1.4x faster on 2 cores); small models get slower.
         on_nonfinite: a step with a non-finite loss, gradient or update (new parameters
             or optimizer state) is never applied. Then
             ``"skip"`` goes on, ``"stop"`` ends training, ``"raise"`` raises
