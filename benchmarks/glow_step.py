@@ -17,6 +17,7 @@ load average before, after and at every round (the machine is shared).
 
     python benchmarks/glow_step.py      # 1-3 minutes on 2 cores (longer when they are busy:
                                         # torch's default threads then slow down many-fold)
+                                        # with a row data-parallel over one CPU device per core
     python benchmarks/glow_step.py --compare-before --torch-threads 1 --out results.json
 """
 
@@ -141,9 +142,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cpu-devices",
         type=int,
-        default=None,
+        default=os.cpu_count() or 1,
         help="also time invnet's step data-parallel over this many CPU devices "
-        "(jax_num_cpu_devices; the one-device row runs on the first of them)",
+        "(jax_num_cpu_devices; the one-device row runs on the first of them); default: "
+        "one per core; 1 for none",
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         help="also time invnet's step as traced before issue 19's changes",
     )
     args = parser.parse_args(argv)
-    if args.cpu_devices:  # before anything starts JAX's backends
+    if args.cpu_devices > 1:  # before anything starts JAX's backends
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     load_before = os.getloadavg()
     env = _util.env_info(jax.default_backend())
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     call, (loss0, params), compile_s = invnet_step(SPEC, args.batch)
     calls["invnet (jax.jit, XLA CPU defaults)"] = call
     extra = {"invnet_compile_s": compile_s, "invnet_loss_first": float(loss0)}
-    if args.cpu_devices and args.cpu_devices > 1:
+    if args.cpu_devices > 1:
         mesh = invnet.data_mesh(args.cpu_devices)
         call_m, (loss_m, params_m), compile_m = invnet_step(SPEC, args.batch, mesh=mesh)
         calls[f"invnet data-parallel, {args.cpu_devices} CPU devices"] = call_m
