@@ -95,6 +95,7 @@ def main(argv=None) -> int:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", model, str(n)],
                     capture_output=True, text=True, check=True,
+                    env={**os.environ, "JAX_PLATFORMS": "cpu"},  # the CPU, also beside a GPU
                 )  # fmt: skip
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 row.update(round=r, load=os.getloadavg()[0])

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     call, (loss0, params), compile_s = invnet_step(SPEC, args.batch)
     calls["invnet (jax.jit, XLA CPU defaults)"] = call
     extra = {"invnet_compile_s": compile_s, "invnet_loss_first": float(loss0)}
-    if args.cpu_devices > 1:
+    if args.cpu_devices > 1 and jax.default_backend() == "cpu":  # not beside a GPU's step
         mesh = invnet.data_mesh(args.cpu_devices)
         call_m, (loss_m, params_m), compile_m = invnet_step(SPEC, args.batch, mesh=mesh)
         calls[f"invnet data-parallel, {args.cpu_devices} CPU devices"] = call_m
