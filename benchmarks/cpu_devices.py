@@ -29,30 +29,28 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import nnx
+
+import invnet  # importing starts no JAX backend, so the child can still set its devices
+
 MODELS = {
-    # name: (builder source, data shape, batch, epochs, rows)
-    "glow32": ("invnet.glow((32, 32, 3), levels=3, steps=4, hidden=32, rngs=rngs)",
+    # name: (builder, data shape, batch, epochs, rows)
+    "glow32": (lambda rngs: invnet.glow((32, 32, 3), levels=3, steps=4, hidden=32, rngs=rngs),
                (32, 32, 3), 64, 4, 1024),
-    "glow8": ("invnet.glow((8, 8, 1), levels=2, steps=4, hidden=32, rngs=rngs)",
+    "glow8": (lambda rngs: invnet.glow((8, 8, 1), levels=2, steps=4, hidden=32, rngs=rngs),
               (8, 8, 1), 64, 4, 2048),
-    "affine8": ("invnet.affine_flow(8, rngs=rngs)", (8,), 256, 4, 16384),
-    "spline8": ("invnet.spline_flow(8, rngs=rngs)", (8,), 256, 4, 16384),
+    "affine8": (lambda rngs: invnet.affine_flow(8, rngs=rngs), (8,), 256, 4, 16384),
+    "spline8": (lambda rngs: invnet.spline_flow(8, rngs=rngs), (8,), 256, 4, 16384),
 }  # fmt: skip
 
 
 def child(model: str, devices: int) -> dict:
     """Runs in a fresh process: fit ``model`` on ``devices`` CPU devices, time its epochs."""
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", devices)
-    import numpy as np
-    from flax import nnx
-
-    import invnet
-
-    src, shape, batch, epochs, rows = MODELS[model]
-    rngs = nnx.Rngs(0)
-    flow = eval(src, {"invnet": invnet, "rngs": rngs})  # noqa: S307 - our own table
+    jax.config.update("jax_num_cpu_devices", devices)  # before any JAX operation
+    build, shape, batch, epochs, rows = MODELS[model]
+    flow = build(nnx.Rngs(0))
     data = np.random.default_rng(0)
     x = data.uniform(size=(rows, *shape)) if len(shape) == 3 else data.normal(size=(rows, *shape))
     x = x.astype(np.float32)
@@ -118,7 +116,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python benchmarks/cpu_devices.py", *(argv or sys.argv[1:])])
         record = {"command": command,
-                  "models": {m: MODELS[m][0] for m in args.models}, "cpu_count": os.cpu_count(),
+                  "models": args.models, "cpu_count": os.cpu_count(),
                   "precision": "float32", "summary": summary, "runs": runs}  # fmt: skip
         args.out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")

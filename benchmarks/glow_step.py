@@ -105,6 +105,15 @@ def _summary(samples):
     return {"median_ms": float(q[1]), "p25_ms": float(q[0]), "p75_ms": float(q[2])}
 
 
+def _max_abs_diff(a, b) -> float:
+    """Largest ``|a - b|`` over two ``(loss, params)`` results of one step (host copies, so
+    arrays on different devices compare)."""
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
 def invnet_step(spec, batch, precision="highest", context=contextlib.nullcontext, mesh=None):
     """``(call, (loss0, new_params), compile_s)``: invnet's training step on one batch,
     traced (compiled) inside ``context()``, ready to time. With ``mesh`` (`invnet.data_mesh`)
@@ -168,19 +177,14 @@ def main(argv=None) -> int:
         call_m, (loss_m, params_m), compile_m = invnet_step(SPEC, args.batch, mesh=mesh)
         calls[f"invnet data-parallel, {args.cpu_devices} CPU devices"] = call_m
         extra["data_parallel_compile_s"] = compile_m
-        extra["data_parallel_vs_one_device_max_abs_diff"] = max(  # summation order differs
-            [float(jnp.abs(loss_m - loss0))]
-            + [float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-               zip(jax.tree.leaves(params_m), jax.tree.leaves(params), strict=True)]
-        )  # fmt: skip
+        # the order of the float32 sums differs
+        extra["data_parallel_vs_one_device_max_abs_diff"] = _max_abs_diff(
+            (loss_m, params_m), (loss0, params)
+        )
     if args.compare_before:
         call_b, (loss_b, params_b), _ = invnet_step(SPEC, args.batch, context=before_glow_step)
         calls["invnet before issue 19's changes"] = call_b
-        extra["before_vs_now_max_abs_diff"] = max(  # loss and parameters after one step
-            [float(jnp.abs(loss_b - loss0))]
-            + [float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(params_b), jax.tree.leaves(params), strict=True)]
-        )  # fmt: skip
+        extra["before_vs_now_max_abs_diff"] = _max_abs_diff((loss_b, params_b), (loss0, params))
     if peer is not None:
         torch = peer[0]
         x = images._images(SPEC["shape"], args.batch)

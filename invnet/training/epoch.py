@@ -231,13 +231,13 @@ class Epochs:
         leaves = jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)
         carry = Carry(leaves, placement.state(jnp.asarray(False)))
         args = (jax.tree.leaves(state.rest), self.train, order, keys)
+        ahead = placement.max_in_flight
         try:
             for i in range(p.steps_per_epoch):
                 if self.first_call_seconds is None:
                     outs.append(self._first_step(defs, carry, args, on_compile))
                 else:
                     outs.append(self.step(defs, carry, *args, i))
-                ahead = placement.max_in_flight
                 if ahead is not None and len(outs) > ahead:
                     jax.block_until_ready(outs[-1 - ahead])
                 carry = outs[-1][0]
