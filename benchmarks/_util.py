@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -75,6 +78,28 @@ def env_info(device: str) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - informational only
         pass
     return info
+
+
+@contextlib.contextmanager
+def jsonl_rows(name: str, argv: dict, results: str | Path | None = None):
+    """Append a run's rows to ``<results>/<name>_<backend>.jsonl`` (default
+    benchmarks/results/), after a header line with `env_info` and ``argv``; yields
+    ``emit(row)``, which prints the row and writes it at once (a run stopped half way keeps
+    its finished rows)."""
+    env = env_info(jax.default_backend())
+    results = Path(results) if results else Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"{name}_{env['backend']}.jsonl"
+    with out.open("a") as fh:
+        fh.write(json.dumps({"env": env, "argv": argv}) + "\n")
+
+        def emit(row: dict) -> None:
+            print(json.dumps(row), flush=True)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+        yield emit
+    print(f"rows in {out}")
 
 
 def _jaxlib_version() -> str | None:
