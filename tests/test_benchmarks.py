@@ -188,6 +188,29 @@ def test_quality_smoke(tmp_path):
     assert sorted(r["moons2"] for r in ranks.values()) == list(range(1, len(models) + 1))
 
 
+@pytest.mark.extended  # ~20 s
+def test_ik_noise_and_variational_peers_write_their_rows(tmp_path):
+    """Both scripts end to end at a tiny budget: a header with the environment, then one
+    row per fit with finite figures."""
+
+    def rows(name):
+        path = tmp_path / f"{name}_{jax.default_backend()}.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert lines[0]["env"]["jax"]
+        return lines[1:]
+
+    tiny = ["--n-train", "1000", "--epochs", "1", "--targets", "2", "--results", str(tmp_path)]
+    _load("ik_noise").main(["--kinds", "affine", "--noise", "0", "0.01", *tiny])
+    ik = rows("ik_noise")
+    assert [r["noise"] for r in ik] == [0.0, 0.01]
+    assert all(np.isfinite(r["err_post"]) and 0 < r["err_resim"] < np.inf for r in ik)
+    _load("variational_peers").main(["--libraries", "invnet", "--targets", "twomoons2",
+                                     "--seeds", "0", "--steps", "5", "--results",
+                                     str(tmp_path)])  # fmt: skip
+    (vi,) = rows("variational_peers")
+    assert vi["library"] == "invnet" and 0 < vi["ess"] <= 1 and np.isfinite(vi["log_z_error"])
+
+
 def test_quality_ranks_ties_and_nan():
     quality = _load("quality")
     rows = [{"set": "s", "model": m, "nll": v} for m, v in
