@@ -23,14 +23,11 @@ benchmarks/results/variational_peers_<backend>.jsonl.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import _util
 import jax.numpy as jnp
 import variational_gradient as vg
-
-import invnet
 
 TWO_MOONS_LOG_Z = 0.804
 
@@ -50,13 +47,6 @@ HELD_OUT = {"ring2": (EX.ring, 2, EX.RING_LOG_Z), "mix10": (EX.mixture_10d, 10, 
 TARGETS = {**TUNING, **HELD_OUT}
 
 
-def fit_invnet(ex, target, dim, seed, steps):
-    flow = ex.invnet_flow(dim, 6, (64, 64), seed)
-    invnet.fit_variational(flow, target, steps=steps, batch_size=256, learning_rate=1e-3,
-                           key=seed, progress=False)  # fmt: skip
-    return invnet.importance_estimate(flow, target, seed + 100, n=20_000)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -68,7 +58,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ex = EX
     fits = {
-        "invnet": functools.partial(fit_invnet, ex),
+        "invnet": lambda t, d, s, n: ex.fit_invnet(t, d, 6, (64, 64), n, 256, s, 20_000)[0],
         "flowjax": lambda t, d, s, n: ex.fit_flowjax(t, d, 6, (64, 64), n, 256, s, 20_000)[0],
         "flowjax-stl": lambda t, d, s, n: ex.fit_flowjax(t, d, 6, (64, 64), n, 256, s, 20_000,
                                                          stick_the_landing=True)[0],
