@@ -31,16 +31,18 @@ def test_zero_vector_is_the_identity_without_nan():
 
 
 def test_float32_round_trip_does_not_grow_with_depth():
-    x = jax.random.normal(jax.random.key(0), (64, 16), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (1024, 16), jnp.float32)
 
     def error(depth):
         model = invnet.Sequential(*[invnet.Householder(16, rngs=nnx.Rngs(i)) for i in range(depth)])
-        return float(jnp.max(jnp.abs(model.inverse(model(x))[0] - x)))
+        e = model.inverse(model(x))[0] - x
+        return float(jnp.sqrt(jnp.mean(e**2))), float(jnp.max(jnp.abs(e)))
 
-    shallow, deep = error(4), error(32)
-    # orthogonal layers add rounding errors (about sqrt(depth) growth), never multiply them
-    assert deep <= 4 * max(shallow, 1e-6) and deep < 1e-4
-
+    (shallow, _), (deep, deep_max) = error(4), error(32)
+    # orthogonal layers add rounding errors, never multiply them: the RMS error grows about
+    # as sqrt(depth) (2.8x from 4 to 32 layers; linear growth would be 8x). The RMS over
+    # 16k entries, not the max of 1k entries, whose ratio reached 4.6x on one CPU
+    assert deep <= 4 * shallow and deep_max < 1e-4
 
 def test_compiled_uses_the_float64_matrix():
     layer = invnet.Householder(8, rngs=nnx.Rngs(3))
