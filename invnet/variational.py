@@ -23,6 +23,11 @@ Quality is measured by the importance weights ``w_i = p~(x_i) / q(x_i)``, ``x_i 
 ``ESS = (sum w)^2 / (n sum w^2)`` in ``(0, 1]``, 1 when ``q = p``. Both are reported for
 every step's batch and by `importance_estimate` for a fresh, larger sample.
 
+The default optimizer is adam with its learning rate cosine-decayed from ``learning_rate``
+to 1% of it over the ``steps`` of the call (`default_optimizer`): the last steps then move
+the parameters little, so the flow a fit ends with is not one noisy iterate. Chosen on
+three tuning targets that the examples do not use (docs: bases-and-variational).
+
 Steps run in jitted chunks (``jax.lax.scan`` over ``chunk`` optimizer steps per call); a
 step whose loss, gradients or update is not finite (a sample where ``log p~`` is ``-inf``)
 is not applied. Ctrl-C between or during a chunk ends training and leaves the flow at the
@@ -52,6 +57,27 @@ from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 __all__ = ["fit_variational", "importance_estimate", "VariationalHistory", "effective_sample_size"]
+
+DECAY_TO = 0.01  # the default schedule ends at this fraction of the learning rate
+
+
+def default_optimizer(learning_rate, steps: int) -> optax.GradientTransformation:
+    """`fit_variational`'s optimizer when none is given: adam, its learning rate
+    cosine-decayed from ``learning_rate`` to ``DECAY_TO`` (1%) of it over ``steps`` (a
+    callable ``learning_rate`` is taken as the schedule itself)."""
+    if callable(learning_rate):
+        return optax.adam(learning_rate)
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float | np.number):
+        raise TypeError(
+            f"fit_variational: learning_rate must be a number or an optax schedule, got "
+            f"{type(learning_rate).__name__}"
+        )
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(
+            f"fit_variational: learning_rate must be a finite number > 0, got {learning_rate!r} "
+            "(a negative rate climbs the loss)"
+        )
+    return optax.adam(optax.cosine_decay_schedule(float(learning_rate), steps, alpha=DECAY_TO))
 
 
 @dataclass
@@ -210,7 +236,11 @@ def fit_variational(
             doubly reparameterised gradient): its variance vanishes as ``q`` reaches the
             target, at the cost of one more pass through the flow per step. ``"total"``: the
             plain reparameterised gradient of the objective (one inverse pass).
-        optimizer: an optax transformation, default ``optax.adam(learning_rate)``.
+        optimizer: an optax transformation. Default: `default_optimizer`, adam with the
+            learning rate cosine-decayed from ``learning_rate`` to 1% of it over ``steps``
+            (a second call starts the schedule again).
+        learning_rate: the default optimizer's first learning rate (a finite number > 0),
+            or an optax schedule for adam.
         key: int seed or PRNG key for the samples.
         cond: a condition for a conditional flow, ``(cond_dim,)`` shared by every sample.
         dtype: the samples' dtype (float32 default; float64 with x64 on).
@@ -242,7 +272,7 @@ def fit_variational(
     flow.latent_shape()  # a flow that cannot sample says so here
     key = jax.random.key(key) if isinstance(key, int | np.integer) else key
     cond = None if cond is None else jnp.asarray(cond)
-    tx = optimizer if optimizer is not None else optax.adam(learning_rate)
+    tx = optimizer if optimizer is not None else default_optimizer(learning_rate, steps)
     graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = tx.init(params)

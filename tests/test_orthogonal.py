@@ -44,6 +44,7 @@ def test_float32_round_trip_does_not_grow_with_depth():
     # 16k entries, not the max of 1k entries, whose ratio reached 4.6x on one CPU
     assert deep <= 4 * shallow and deep_max < 1e-4
 
+
 def test_compiled_uses_the_float64_matrix():
     layer = invnet.Householder(8, rngs=nnx.Rngs(3))
     fast = invnet.freeze(layer)

@@ -152,6 +152,26 @@ def test_bad_targets_and_arguments_are_refused():
         invnet.fit_variational(flow, 3.0, steps=1)
     with pytest.raises(ValueError, match="'path' or 'total'"):
         invnet.fit_variational(flow, correlated_gaussian, steps=1, gradient="score")
+    for bad in (-1.0, 0.0, float("nan")):  # a negative rate climbs the loss, silently
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            invnet.fit_variational(flow, correlated_gaussian, steps=1, learning_rate=bad)
+    with pytest.raises(TypeError, match="learning_rate must be a number or an optax schedule"):
+        invnet.fit_variational(flow, correlated_gaussian, steps=1, learning_rate="1e-3")
+
+
+def test_the_default_optimizer_is_adam_cosine_decayed_over_the_steps():
+    """The documented default: adam from ``learning_rate`` down to 1% of it at the last step
+    (the same parameters, to the bit, as that optimizer passed explicitly)."""
+    import optax
+
+    runs = []
+    for optimizer in (None, optax.adam(optax.cosine_decay_schedule(2e-2, 40, alpha=0.01))):
+        flow = _flow(blocks=1, hidden=(8,))
+        invnet.fit_variational(flow, correlated_gaussian, steps=40, chunk=20, learning_rate=2e-2,
+                               optimizer=optimizer, progress=False)  # fmt: skip
+        runs.append(jax.tree.leaves(nnx.state(flow, nnx.Param)))
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_nonfinite_target_steps_are_not_applied():
