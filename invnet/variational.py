@@ -67,17 +67,21 @@ def default_optimizer(learning_rate, steps: int) -> optax.GradientTransformation
     callable ``learning_rate`` is taken as the schedule itself)."""
     if callable(learning_rate):
         return optax.adam(learning_rate)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float | np.number):
+    number = int | float | np.number | np.ndarray | jax.Array
+    if isinstance(learning_rate, bool) or not (
+        isinstance(learning_rate, number) and np.ndim(learning_rate) == 0
+    ):
         raise TypeError(
             f"fit_variational: learning_rate must be a number or an optax schedule, got "
             f"{type(learning_rate).__name__}"
         )
+    learning_rate = float(learning_rate)
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(
             f"fit_variational: learning_rate must be a finite number > 0, got {learning_rate!r} "
             "(a negative rate climbs the loss)"
         )
-    return optax.adam(optax.cosine_decay_schedule(float(learning_rate), steps, alpha=DECAY_TO))
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=DECAY_TO))
 
 
 @dataclass

@@ -157,6 +157,11 @@ def test_bad_targets_and_arguments_are_refused():
             invnet.fit_variational(flow, correlated_gaussian, steps=1, learning_rate=bad)
     with pytest.raises(TypeError, match="learning_rate must be a number or an optax schedule"):
         invnet.fit_variational(flow, correlated_gaussian, steps=1, learning_rate="1e-3")
+    with pytest.raises(TypeError, match="learning_rate must be a number"):
+        invnet.fit_variational(flow, correlated_gaussian, steps=1, learning_rate=jnp.ones(2))
+    # a scalar array is a number
+    invnet.fit_variational(flow, correlated_gaussian, steps=1, learning_rate=jnp.float32(1e-3),
+                           progress=False)  # fmt: skip
 
 
 def test_the_default_optimizer_is_adam_cosine_decayed_over_the_steps():
