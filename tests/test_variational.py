@@ -88,7 +88,7 @@ def test_importance_weighted_bound_on_a_two_component_mixture():
     assert est["ess"] > 0.5 and est["ess"] > 2 * before["ess"]
 
 
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [1, pytest.param(4, marks=pytest.mark.extended)])
 def test_the_path_gradient_vanishes_where_the_flow_is_the_target(k):
     """q = p exactly (the target is a copy of the flow's own density, times e^3): the path
     gradient is zero for every batch, while the total gradient is only zero on average. For
@@ -170,9 +170,9 @@ def test_the_default_optimizer_is_adam_cosine_decayed_over_the_steps():
     import optax
 
     runs = []
-    for optimizer in (None, optax.adam(optax.cosine_decay_schedule(2e-2, 40, alpha=0.01))):
+    for optimizer in (None, optax.adam(optax.cosine_decay_schedule(2e-2, 6, alpha=0.01))):
         flow = _flow(blocks=1, hidden=(8,))
-        invnet.fit_variational(flow, correlated_gaussian, steps=40, chunk=20, learning_rate=2e-2,
+        invnet.fit_variational(flow, correlated_gaussian, steps=6, chunk=6, learning_rate=2e-2,
                                optimizer=optimizer, progress=False)  # fmt: skip
         runs.append(jax.tree.leaves(nnx.state(flow, nnx.Param)))
     for a, b in zip(*runs, strict=True):
