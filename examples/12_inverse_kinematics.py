@@ -139,15 +139,15 @@ def mmd_unbiased(a, b):
 _mmd = jax.jit(mmd_unbiased)
 
 
-def build(kind, blocks, hidden, seed):
+def build(kind, blocks, hidden, seed, cond_dim=2):
     rngs = nnx.Rngs(seed)
     layers = []
     for _ in range(blocks):
         if kind == "affine":
-            layers.append(invnet.AffineCoupling(4, hidden=hidden, cond_dim=2, rngs=rngs))
+            layers.append(invnet.AffineCoupling(4, hidden=hidden, cond_dim=cond_dim, rngs=rngs))
         else:
             layers.append(invnet.SplineCoupling(4, bins=8, bound=4.0, hidden=hidden,
-                                                cond_dim=2, rngs=rngs))  # fmt: skip
+                                                cond_dim=cond_dim, rngs=rngs))  # fmt: skip
         layers.append(invnet.LULinear(4, rngs=rngs))
     return invnet.Flow(invnet.Sequential(*layers))
 

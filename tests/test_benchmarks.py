@@ -197,13 +197,24 @@ def test_ik_noise_and_variational_peers_write_their_rows(tmp_path):
         path = tmp_path / f"{name}_{jax.default_backend()}.jsonl"
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         assert lines[0]["env"]["jax"]
-        return lines[1:]
+        return [line for line in lines if "env" not in line]  # one header per run
 
     tiny = ["--n-train", "1000", "--epochs", "1", "--targets", "2", "--results", str(tmp_path)]
     _load("ik_noise").main(["--kinds", "affine", "--noise", "0", "0.01", *tiny])
     ik = rows("ik_noise")
     assert [r["noise"] for r in ik] == [0.0, 0.01]
     assert all(np.isfinite(r["err_post"]) and 0 < r["err_resim"] < np.inf for r in ik)
+    # the other two places for the noise: on x, and its std as a condition (a row per std)
+    _load("ik_noise").main(["--kinds", "affine", "--noise", "0.01", "--on", "x", *tiny])
+    _load("ik_noise").main(["--kinds", "spline", "--noise", "0.02", "--on", "soft",
+                            "--eval-noise", "0", "0.01", *tiny])  # fmt: skip
+    x_row, *soft = rows("ik_noise")[2:]
+    assert x_row["on"] == "x" and [r["eval_noise"] for r in soft] == [0.0, 0.01]
+    assert all(np.isfinite(r["err_post"]) and 0 < r["err_resim"] < np.inf for r in soft)
+    _load("ik_noise").main(["--floor", "--noise", "0.006", "--targets", "2", "--results",
+                            str(tmp_path)])  # fmt: skip
+    (fl,) = rows("ik_noise")[5:]
+    assert fl["floor"] and fl["worst"] >= fl["err_post"] and np.isfinite(fl["err_post"])
     _load("variational_peers").main(["--libraries", "invnet", "--targets", "twomoons2",
                                      "--seeds", "0", "--steps", "5", "--results",
                                      str(tmp_path)])  # fmt: skip
