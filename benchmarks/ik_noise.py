@@ -137,6 +137,8 @@ def main(argv=None):
                         help="no training: the Err_post the noise alone costs")  # fmt: skip
     parser.add_argument("--results", help="folder for the JSONL (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.on == "soft" and min(args.noise) <= 0:
+        parser.error("--on soft draws each std from [0, --noise]: --noise must be > 0")
     ex = _example()
     rng = np.random.default_rng(123)
     targets = ex.forward_process(rng.normal(size=(args.targets, 4)) * ex.SIGMA)
