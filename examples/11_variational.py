@@ -129,9 +129,9 @@ def fit_flowjax(target, dim, layers, hidden, steps, batch, seed, n_est, stick_th
     t0 = time.perf_counter()
     loss = ElboLoss(lambda x: target(x), batch, stick_the_landing=stick_the_landing)
     # decay=True: invnet's default schedule (benchmarks/variational_peers.py, labelled)
-    rate = optax.cosine_decay_schedule(1e-3, steps, alpha=invnet.variational.DECAY_TO)
+    rate = invnet.variational.default_schedule(1e-3, steps) if decay else 1e-3
     flow, _ = fit_to_key_based_loss(key_fit, flow, loss_fn=loss, steps=steps,
-                                    optimizer=optax.adam(rate if decay else 1e-3),
+                                    optimizer=optax.adam(rate),
                                     show_progress=False)  # fmt: skip
     seconds = time.perf_counter() - t0
     x, log_q = jax.jit(lambda k: flow.sample_and_log_prob(k, (n_est,)))(key_est)

@@ -81,7 +81,13 @@ def default_optimizer(learning_rate, steps: int) -> optax.GradientTransformation
             f"fit_variational: learning_rate must be a finite number > 0, got {learning_rate!r} "
             "(a negative rate climbs the loss)"
         )
-    return optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=DECAY_TO))
+    return optax.adam(default_schedule(learning_rate, steps))
+
+
+def default_schedule(learning_rate: float, steps: int) -> optax.Schedule:
+    """The default optimizer's learning rate: cosine from ``learning_rate`` down to
+    ``DECAY_TO`` of it at step ``steps`` (to give a peer the same schedule)."""
+    return optax.cosine_decay_schedule(learning_rate, steps, alpha=DECAY_TO)
 
 
 @dataclass
